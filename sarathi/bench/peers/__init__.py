@@ -1,0 +1,1 @@
+"""Peer engines run as standalone scripts (own venvs, no sarathi imports) for comparisons."""

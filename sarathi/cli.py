@@ -1,0 +1,95 @@
+"""The ``sarathi`` command: ``sarathi generate "prompt"`` (more subcommands register here)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+from sarathi.config import EngineArgs
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags, with vLLM's names."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--scheduler", default="sarathi", help="sarathi | vllm | orca | request_level")
+    g.add_argument("--chunk-size", type=int, default=None, help="sarathi token budget per step (512)")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--tile-size", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default 2GiB)")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=ns.model, dtype=ns.dtype, scheduler=ns.scheduler, chunk_size=ns.chunk_size,
+        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
+        tile_size=ns.tile_size, block_size=ns.block_size, num_kv_blocks=ns.num_kv_blocks,
+        kv_cache_memory=ns.kv_cache_memory, max_model_len=ns.max_model_len, seed=ns.seed,
+        device=ns.device,
+    )
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from sarathi.engine import LLMEngine
+    from sarathi.llm import LLM
+    from sarathi.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
+                            top_k=ns.top_k, seed=ns.sampling_seed)
+    args = engine_args_from(ns)
+    args.check()  # flag errors before the model loads
+    llm = LLM.from_engine(LLMEngine(args))
+    prompts = [llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": ns.prompt}])
+               if ns.chat else ns.prompt]
+    t0 = time.perf_counter()
+    out = llm.generate(prompts, params)[0]
+    dt = time.perf_counter() - t0
+    comp = out.outputs[0]
+    print(ns.prompt + comp.text if not ns.chat else comp.text)
+    n = len(comp.token_ids)
+    print(f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tokens/s, prompt {len(out.prompt_token_ids)} tokens, "
+          f"finish_reason={comp.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    parser = argparse.ArgumentParser(prog="sarathi", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+    g = sub.add_parser("generate", help="complete one prompt and print the text")
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_engine_args(g)
+    handlers["generate"] = _generate
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser, handlers = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return handlers[ns.command](ns)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

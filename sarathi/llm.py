@@ -1,0 +1,111 @@
+"""The offline API, shaped like vLLM's: ``LLM(...).generate(prompts, sampling_params)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from sarathi.config import EngineArgs
+from sarathi.engine import LLMEngine, PromptType
+from sarathi.outputs import RequestOutput
+from sarathi.sampling_params import SamplingParams
+
+
+class LLM:
+    """Loads a model once and runs batches of prompts to completion with the chosen scheduler."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        scheduler: str = "sarathi",
+        chunk_size: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        tile_size: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int | str | None = None,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        device: str = "auto",
+    ) -> None:
+        self.engine = LLMEngine(EngineArgs(
+            model=model, dtype=dtype, scheduler=scheduler, chunk_size=chunk_size,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            tile_size=tile_size, block_size=block_size, num_kv_blocks=num_kv_blocks,
+            kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, seed=seed, device=device,
+        ))
+        self._counter = 0
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """Wrap an already built engine (e.g. one made from parsed CLI flags)."""
+        llm = cls.__new__(cls)
+        llm.engine, llm._counter = engine, 0
+        return llm
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order.
+
+        All prompts are validated before any is queued, so a bad one raises ValueError and runs nothing.
+        """
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(prompts):
+                raise ValueError("sampling_params: a list must have one entry per prompt")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        groups = []
+        for prompt, p in zip(prompts, params):
+            groups.append(self.engine.make_request(str(self._counter), prompt, p))
+            self._counter += 1
+        order = {g.request_id: i for i, g in enumerate(groups)}
+        for g in groups:
+            self.engine.add_group(g)
+        results: list[RequestOutput | None] = [None] * len(groups)
+        bar = tqdm(total=len(groups), desc="Generating", disable=not use_tqdm)
+        try:
+            while any(r is None for r in results):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort_request(list(order))
+            raise
+        finally:
+            bar.close()
+        return [r for r in results if r is not None]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        tok = self.engine.tokenizer
+        prompts = [{"prompt": tok.apply_chat_template(c, add_generation_prompt, chat_template)}
+                   for c in convs]
+        # The template already holds any BOS token: encode it without adding special tokens again.
+        ids = [{"prompt": p["prompt"], "prompt_token_ids": tok.encode(p["prompt"], False)} for p in prompts]
+        return self.generate(ids, sampling_params, use_tqdm)

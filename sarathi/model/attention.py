@@ -1,0 +1,116 @@
+"""Paged attention over a token-flattened batch, with the metadata passed explicitly.
+
+The batch is ``[num_tokens, ...]``: first the single-query entries (decodes, or 1-token prompt chunks),
+then the multi-token prompt chunks. Single-query entries are attended in one batched call over their
+gathered block tables; each prompt chunk is one call, causal over its own tokens and full over its
+request's cached prefix. Only attention needs to know which token belongs to which request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """A prompt chunk of ``q_len`` tokens at ``[q_start, q_start + q_len)`` in the flattened batch.
+
+    ``kv_len`` counts the request's tokens once this chunk is in the cache (cached prefix + chunk).
+    """
+
+    q_start: int
+    q_len: int
+    kv_len: int
+    block_table: torch.Tensor  # [ceil(kv_len / block_size)] int64
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's K/V goes and what each query may attend to."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64 (padded with 0)
+    decode_seq_lens: torch.Tensor | None  # [num_decodes] int64, KV length including the new token
+    decode_max_len: int
+    prefills: list[PrefillChunk]
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Scatter this step's keys/values ([T, KVH, D]) into the paged caches ([blocks, bs, KVH, D])."""
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slots, k)
+    v_cache.view(-1, kvh, d).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] (this step's, already written to the cache). Returns [T, H, D]."""
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
+    for c in meta.prefills:
+        sl = slice(c.q_start, c.q_start + c.q_len)
+        out[sl] = _chunk_attention(q[sl], k[sl], v[sl], k_cache, v_cache, c, scale)
+    return out
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    b, h, d = q.shape
+    _, bs, kvh, _ = k_cache.shape
+    length = meta.decode_max_len
+    tables = meta.decode_block_tables
+    assert tables is not None and meta.decode_seq_lens is not None
+    # Gather every decode's blocks into a dense [B, KVH, L, D] view (padding masked out below).
+    k = k_cache[tables].view(b, -1, kvh, d)[:, :length].transpose(1, 2)
+    v = v_cache[tables].view(b, -1, kvh, d)[:, :length].transpose(1, 2)
+    # GQA without copying K/V: the G query heads sharing a KV head become SDPA's "query length".
+    qg = q.view(b, kvh, h // kvh, d)
+    pos = torch.arange(length, device=q.device)
+    mask = (pos[None, :] < meta.decode_seq_lens[:, None]).view(b, 1, 1, length)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return o.reshape(b, h, d)
+
+
+def _chunk_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    c: PrefillChunk,
+    scale: float,
+) -> torch.Tensor:
+    n, h, d = q.shape
+    kvh = k_new.shape[1]
+    if c.kv_len == n:  # first chunk: nothing cached before it, attend to this step's K/V directly
+        k, v = k_new, v_new
+    else:
+        k = k_cache[c.block_table].view(-1, kvh, d)[: c.kv_len]
+        v = v_cache[c.block_table].view(-1, kvh, d)[: c.kv_len]
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+    kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, kv_len, D]
+    vh = v.transpose(0, 1).unsqueeze(0)
+    if c.kv_len == n:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        # Query i sits at absolute position kv_len - n + i and sees every key up to it.
+        qpos = torch.arange(n, device=q.device) + (c.kv_len - n)
+        mask = torch.arange(c.kv_len, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(0).transpose(0, 1)

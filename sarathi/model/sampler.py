@@ -1,0 +1,82 @@
+"""Vectorised sampling over the rows of one step: greedy, temperature, top-k, top-p, seeds, logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sarathi.request import Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row: (sampled token's logprob, its rank, top-n ids, top-n logprobs) when logprobs were asked.
+    logprobs: list[tuple[float, int, list[int], list[float]] | None]
+
+
+def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: tuple[int, ...],
+           generator: torch.Generator) -> SamplerOutput:
+    """Sample one token per row of ``logits`` ([N, V] float32), row i for ``reqs[i]``.
+
+    Random rows use the exponential-race trick (argmax of p / Exp(1) noise is a sample from p), so a
+    request with a ``seed`` draws its noise from its own generator and reproduces whatever else is in
+    the batch. Greedy rows take the plain argmax.
+    """
+    n, vocab = logits.shape
+    dev = logits.device
+    # min_tokens: forbid EOS and stop tokens until enough tokens were generated.
+    for i, r in enumerate(reqs):
+        p = r.params
+        if p.min_tokens and r.num_output_tokens < p.min_tokens:
+            banned = [*p.stop_token_ids, *(() if p.ignore_eos else eos_ids)]
+            if banned:
+                logits[i, torch.tensor(banned, device=dev)] = float("-inf")
+    greedy = torch.tensor([r.params.greedy for r in reqs], device=dev)
+    chosen = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in reqs],
+                             device=dev)
+        scaled = _filter_top_k_top_p(logits / temps[:, None], reqs)
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+        for i, r in enumerate(reqs):
+            if r.params.seed is not None and not r.params.greedy:
+                if r.generator is None:
+                    r.generator = torch.Generator(device=dev).manual_seed(r.params.seed)
+                noise[i].exponential_(generator=r.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        chosen = torch.where(greedy, chosen, sampled)
+    token_ids = chosen.tolist()
+    lps: list[tuple[float, int, list[int], list[float]] | None] = [None] * n
+    want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    if want:
+        rows = torch.log_softmax(logits[want], dim=-1)
+        k = max(reqs[i].params.logprobs or 0 for i in want)
+        top_v, top_i = rows.topk(max(k, 1), dim=-1)
+        picked = rows[torch.arange(len(want), device=dev), chosen[want]]
+        ranks = (rows > picked[:, None]).sum(-1) + 1
+        for j, i in enumerate(want):
+            kk = reqs[i].params.logprobs or 0
+            lps[i] = (float(picked[j]), int(ranks[j]), top_i[j, :kk].tolist(), top_v[j, :kk].tolist())
+    return SamplerOutput(token_ids, lps)
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    top_k = [r.params.top_k if r.params.top_k > 0 else 0 for r in reqs]
+    top_p = [r.params.top_p for r in reqs]
+    if not any(top_k) and all(p >= 1.0 for p in top_p):
+        return logits
+    dev = logits.device
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=dev)
+    ranks = torch.arange(vocab, device=dev)[None, :]
+    remove = ranks >= ks[:, None]
+    ps = torch.tensor(top_p, device=dev)
+    probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
+    remove |= (probs.cumsum(-1) - probs) >= ps[:, None]
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

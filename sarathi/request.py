@@ -1,0 +1,86 @@
+"""A request is a list of token ids and a counter of how many of them are in the KV cache.
+
+There is no prefill phase or decode phase: each step the scheduler lets ``num_computed_tokens`` catch up
+by some amount (a prompt chunk, or 1 for a decode). When it reaches ``num_tokens`` the model samples a
+new token, which is appended, and the request needs one more step. Preemption by recompute just resets
+the counter to 0 (prompt and generated tokens are recomputed like a longer prompt).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from sarathi.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate (a request with ``n > 1`` becomes n of these).
+
+    Invariants: ``0 <= num_computed_tokens <= num_tokens``; ``block_ids`` hold exactly the KV slots of
+    the first ``num_computed_tokens`` (+ the tokens scheduled this step); a finished request owns none.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0
+    max_tokens: int = 16
+    group_id: str = ""
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    block_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    # Engine-side state, opaque to the scheduler.
+    generator: Any = None
+    detok: Any = None
+    text: str = ""
+    stop_reason: int | str | None = None
+    logprobs: list[dict] | None = None
+    cumulative_logprob: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """True when the only token left to compute is the last generated one (a decode step)."""
+        return self.num_computed_tokens == len(self.token_ids) - 1 and (
+            self.num_computed_tokens >= self.num_prompt_tokens
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished

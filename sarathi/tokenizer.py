@@ -1,0 +1,165 @@
+"""Tokenizers (HF `tokenizers` library), chat templates, and incremental detokenization.
+
+HF folders load ``tokenizer.json``; GGUF files with a gpt2-style BPE vocabulary are rebuilt from their
+metadata in well under a second (transformers' own GGUF conversion is the fallback for other kinds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from sarathi.model.loader import ModelSource
+
+
+class Tokenizer:
+    """Text <-> token ids, plus the model's chat template."""
+
+    def __init__(
+        self,
+        tk: Any,
+        eos_token_id: int | None,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        self._tk = tk
+        self.eos_token_id = eos_token_id
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.chat_template = chat_template
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tk.id_to_token(token_id)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> str:
+        template = chat_template or self.chat_template
+        if not template:
+            raise ValueError("messages: this model has no chat template; pass chat_template=...")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        ):
+            raise ValueError("messages: must be a list of {'role': ..., 'content': ...} objects")
+        return _compile(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+        )
+
+    @classmethod
+    def load(cls, src: ModelSource) -> Tokenizer:
+        return _from_gguf(src) if src.kind == "gguf" else _from_hf_folder(src.path)
+
+
+def _raise(message: str) -> None:
+    raise ValueError(f"chat template: {message}")
+
+
+def _compile(template: str) -> Any:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent, ensure_ascii=False)
+    return env.from_string(template)
+
+
+def _token_str(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _from_hf_folder(path: str) -> Tokenizer:
+    tk_path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tk_path):
+        raise ValueError(f"model: {path} has no tokenizer.json")
+    tk = HFTokenizer.from_file(tk_path)
+    conf: dict[str, Any] = {}
+    conf_path = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(conf_path):
+        with open(conf_path) as f:
+            conf = json.load(f)
+    template = conf.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja_path = os.path.join(path, "chat_template.jinja")
+    if template is None and os.path.isfile(jinja_path):
+        with open(jinja_path) as f:
+            template = f.read()
+    eos = _token_str(conf.get("eos_token"))
+    return Tokenizer(tk, tk.token_to_id(eos) if eos else None, _token_str(conf.get("bos_token")),
+                     eos, template)
+
+
+def _from_gguf(src: ModelSource) -> Tokenizer:
+    meta = src.gguf_meta
+    tokens = src.gguf_field("tokenizer.ggml.tokens")
+    bos_id, eos_id = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    template = meta.get("tokenizer.chat_template")
+    if meta.get("tokenizer.ggml.model") != "gpt2" or tokens is None:
+        return _from_gguf_via_transformers(src, eos_id, template)
+    merges = [tuple(m.split(" ", 1)) for m in src.gguf_field("tokenizer.ggml.merges")]
+    tk = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if meta.get("tokenizer.ggml.pre") in ("smollm", "llama-bpe", "qwen2", "deepseek-llm"):
+        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    tk.decoder = decoders.ByteLevel()
+    # Control tokens (type 3) are special: never split, and skipped when decoding for users.
+    types = src.gguf_field("tokenizer.ggml.token_type") or []
+    tk.add_special_tokens([tokens[i] for i, ty in enumerate(types) if ty == 3])
+    return Tokenizer(
+        tk, eos_id, tokens[bos_id] if bos_id is not None else None,
+        tokens[eos_id] if eos_id is not None else None, template,
+    )
+
+
+def _from_gguf_via_transformers(src: ModelSource, eos_id: int | None, template: str | None) -> Tokenizer:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ValueError("model: this GGUF's tokenizer needs `transformers`; or pass an HF folder") from None
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(src.path), gguf_file=os.path.basename(src.path))
+    return Tokenizer(hf.backend_tokenizer, eos_id, hf.bos_token, hf.eos_token, template)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-decoding everything.
+
+    A few prompt tokens are kept as left context so tokenizers that drop a leading space (SentencePiece)
+    decode the first generated token correctly; text is released only once it no longer ends in an
+    incomplete UTF-8 sequence (U+FFFD).
+    """
+
+    CONTEXT = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool) -> None:
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt_ids[-self.CONTEXT:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def add(self, token_id: int) -> str:
+        """Append one token and return the newly readable text (maybe empty)."""
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix:self.read], self.skip)
+        full = self.tok.decode(self.ids[self.prefix:], self.skip)
+        if len(full) > len(before) and not full.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return full[len(before):]
+        return ""

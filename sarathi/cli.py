@@ -63,6 +63,19 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    import os
+
+    from sarathi.server import run_server
+
+    args = engine_args_from(ns)
+    args.check()  # flag errors before the model loads
+    api_key = ns.api_key or os.environ.get("SARATHI_API_KEY")
+    return run_server(args, host=ns.host, port=ns.port, api_key=api_key,
+                      served_model_name=ns.served_model_name, max_waiting_requests=ns.max_waiting_requests,
+                      shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
     parser = argparse.ArgumentParser(prog="sarathi", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +90,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_engine_args(g)
     handlers["generate"] = _generate
+    s = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
+                   "(default: $SARATHI_API_KEY, else no key)")
+    s.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
+    s.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="refuse new requests with 429 while this many are waiting (default: unbounded)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may take to finish on SIGINT/SIGTERM")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_args(s)
+    handlers["serve"] = _serve
     return parser, handlers
 
 

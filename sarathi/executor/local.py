@@ -44,6 +44,7 @@ class LocalExecutor:
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
+    @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> list[SampledToken]:
         # Single-query entries first (batched decode attention), then multi-token prompt chunks.
         entries = sorted(batch.scheduled, key=lambda s: s.num_new_tokens > 1)

@@ -73,6 +73,11 @@ class ModelConfig:
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             use_window = cfg.get("use_sliding_window", arch == "MistralForCausalLM")
+            # transformers >= 5 writes `rope_parameters` (theta + scaling); older files have both apart.
+            rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+            theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+            if rope.get("rope_type", rope.get("type")) in (None, "default"):
+                rope = {}
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),
@@ -83,11 +88,11 @@ class ModelConfig:
                 num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                rope_theta=theta,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", SUPPORTED_ARCHITECTURES[arch])),
-                rope_scaling=cfg.get("rope_scaling"),
+                rope_scaling=rope or None,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),

@@ -1,0 +1,82 @@
+"""Bad input is a ValueError naming the field, raised before any work starts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from sarathi import LLM, EngineArgs, SamplingParams
+from sarathi.model.loader import resolve_model
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-3), "max_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(n=0), "n"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(stop=[""]), "stop"),
+    (dict(logprobs=-1), "logprobs"),
+])
+def test_sampling_params_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompt_in_a_batch_runs_nothing(engine, llm):
+    steps = engine.stats.num_steps
+    too_long = {"prompt_token_ids": [1] * engine.max_model_len}
+    for bad, field in [("", "prompt"), ({"prompt_token_ids": []}, "prompt"), (too_long, "prompt"),
+                       ({"prompt_token_ids": [10**9]}, "prompt"), (42, "prompt")]:
+        with pytest.raises(ValueError, match=field):
+            llm.generate(["fine prompt", bad], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate(["fine"], SamplingParams(max_tokens=engine.max_model_len))
+    assert engine.stats.num_steps == steps and not engine.has_unfinished_requests()
+    # the engine still works afterwards
+    assert llm.generate(["Hello"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(scheduler="fifo"), "scheduler"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(max_num_seqs=0), "max_num_seqs"),
+    (dict(block_size=0), "block_size"),
+    (dict(dtype="int8"), "dtype"),
+    (dict(kv_cache_memory="lots"), "kv_cache_memory"),
+    (dict(num_kv_blocks=-1), "num_kv_blocks"),
+])
+def test_engine_args_validated_before_loading(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        EngineArgs(model="/nonexistent/never/loaded", **kwargs).check()
+    with pytest.raises(ValueError, match=field):
+        LLM(model="/nonexistent/never/loaded", **kwargs)  # the bad flag wins over the missing model
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(ValueError, match="model: .*not found"):
+        LLM(model=str(tmp_path / "nope"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="model: .*config.json"):
+        LLM(model=str(empty))
+    bad_gguf = tmp_path / "bad.gguf"
+    bad_gguf.write_bytes(b"GGUF" + os.urandom(64))
+    with pytest.raises(ValueError, match="model: cannot read GGUF"):
+        LLM(model=str(bad_gguf))
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model: cannot read .*config.json"):
+        LLM(model=str(folder))
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="model: unsupported architecture"):
+        resolve_model(str(tmp_path)) and LLM(model=str(tmp_path))

@@ -215,7 +215,11 @@ def to_json_list(requests: Sequence[BenchRequest]) -> list[dict]:
 def from_json_list(items: Sequence[dict]) -> list[BenchRequest]:
     """Inverse of :func:`to_json_list`; ``arrival_time`` is optional."""
     return [
-        BenchRequest([int(t) for t in it["prompt_token_ids"]], int(it["max_tokens"]), float(it.get("arrival_time", 0.0)))
+        BenchRequest(
+            [int(t) for t in it["prompt_token_ids"]],
+            int(it["max_tokens"]),
+            float(it.get("arrival_time", 0.0)),
+        )
         for it in items
     ]
 

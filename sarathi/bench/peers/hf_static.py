@@ -48,8 +48,8 @@ def make_batch(prompts: list[list[int]], pad_id: int):
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
         if p:
-            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p):] = 1
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
     return ids, mask
 
 
@@ -67,7 +67,7 @@ def generate_batch(model, prompts: list[list[int]], new_tokens: int, pad_id: int
             do_sample=False,
             pad_token_id=pad_id,
         )
-    return out[:, ids.shape[1]:]
+    return out[:, ids.shape[1] :]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     batch_times = []
     t1 = time.perf_counter()
     for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start:start + args.batch_size]
-        wants = max_tokens[start:start + args.batch_size]
+        batch = prompts[start : start + args.batch_size]
+        wants = max_tokens[start : start + args.batch_size]
         tb = time.perf_counter()
         new = generate_batch(model, batch, max(wants), pad_id)
         batch_times.append(time.perf_counter() - tb)

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
     params = [SamplingParams(max_tokens=d, ignore_eos=True, temperature=0.0) for d in max_tokens]
     for _ in range(args.warmup):
-        llm.generate([prompts[0]], SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0), use_tqdm=False)
+        llm.generate(
+            [prompts[0]], SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0), use_tqdm=False
+        )
 
     t1 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)

@@ -25,6 +25,14 @@ class PrefillChunk:
     q_len: int
     kv_len: int
     block_table: torch.Tensor  # [ceil(kv_len / block_size)] int64
+    mask: torch.Tensor | None = None  # [q_len, kv_len] bool; None: no cached prefix, plain causal
+
+    def __post_init__(self) -> None:
+        if self.kv_len != self.q_len and self.mask is None:
+            # Query i sits at absolute position kv_len - q_len + i and sees every key up to it.
+            dev = self.block_table.device
+            qpos = torch.arange(self.q_len, device=dev) + (self.kv_len - self.q_len)
+            self.mask = torch.arange(self.kv_len, device=dev)[None, :] <= qpos[:, None]
 
 
 @dataclass
@@ -37,6 +45,12 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None  # [num_decodes] int64, KV length including the new token
     decode_max_len: int
     prefills: list[PrefillChunk]
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, decode_max_len] bool, built once
+
+    def __post_init__(self) -> None:
+        if self.decode_seq_lens is not None and self.decode_mask is None:
+            pos = torch.arange(self.decode_max_len, device=self.decode_seq_lens.device)
+            self.decode_mask = (pos[None, :] < self.decode_seq_lens[:, None])[:, None, None, :]
 
 
 def write_kv(
@@ -72,19 +86,23 @@ def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     b, h, d = q.shape
-    _, bs, kvh, _ = k_cache.shape
+    kvh = k_cache.shape[2]
     length = meta.decode_max_len
     tables = meta.decode_block_tables
     assert tables is not None and meta.decode_seq_lens is not None
-    # Gather every decode's blocks into a dense [B, KVH, L, D] view (padding masked out below).
-    k = k_cache[tables].view(b, -1, kvh, d)[:, :length].transpose(1, 2)
-    v = v_cache[tables].view(b, -1, kvh, d)[:, :length].transpose(1, 2)
+    # Gather every decode's blocks into a dense [B, KVH, L, D] view (padding masked out by the mask).
+    k = _gather(k_cache, tables).view(b, -1, kvh, d)[:, :length].transpose(1, 2)
+    v = _gather(v_cache, tables).view(b, -1, kvh, d)[:, :length].transpose(1, 2)
     # GQA without copying K/V: the G query heads sharing a KV head become SDPA's "query length".
     qg = q.view(b, kvh, h // kvh, d)
-    pos = torch.arange(length, device=q.device)
-    mask = (pos[None, :] < meta.decode_seq_lens[:, None]).view(b, 1, 1, length)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.decode_mask, scale=scale)
     return o.reshape(b, h, d)
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Copy the listed blocks out of the cache. index_select on a 2-D view is ~2x faster on CPU than
+    advanced indexing of the 4-D cache."""
+    return cache.view(cache.shape[0], -1).index_select(0, tables.reshape(-1))
 
 
 def _chunk_attention(
@@ -101,16 +119,13 @@ def _chunk_attention(
     if c.kv_len == n:  # first chunk: nothing cached before it, attend to this step's K/V directly
         k, v = k_new, v_new
     else:
-        k = k_cache[c.block_table].view(-1, kvh, d)[: c.kv_len]
-        v = v_cache[c.block_table].view(-1, kvh, d)[: c.kv_len]
+        k = _gather(k_cache, c.block_table).view(-1, kvh, d)[: c.kv_len]
+        v = _gather(v_cache, c.block_table).view(-1, kvh, d)[: c.kv_len]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
     kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, kv_len, D]
     vh = v.transpose(0, 1).unsqueeze(0)
-    if c.kv_len == n:
+    if c.mask is None:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        # Query i sits at absolute position kv_len - n + i and sees every key up to it.
-        qpos = torch.arange(n, device=q.device) + (c.kv_len - n)
-        mask = torch.arange(c.kv_len, device=q.device)[None, :] <= qpos[:, None]
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=c.mask, scale=scale, enable_gqa=True)
     return o.squeeze(0).transpose(0, 1)

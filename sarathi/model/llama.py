@@ -13,7 +13,7 @@ from torch import nn
 
 from sarathi.model.attention import AttentionMetadata, paged_attention, write_kv
 from sarathi.model.config import ModelConfig
-from sarathi.model.rope import RotaryEmbedding
+from sarathi.model.rope import RotaryEmbedding, apply_rope
 
 
 class DecoderLayer(nn.Module):
@@ -25,7 +25,6 @@ class DecoderLayer(nn.Module):
         self.eps = cfg.rms_norm_eps
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
-        self.split = (q_size, kv_size, kv_size)
         self.input_norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
@@ -36,18 +35,17 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RotaryEmbedding,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         t = x.shape[0]
         h = rms_norm(x, self.input_norm, self.eps)
-        q, k, v = self.qkv_proj(h).split(self.split, dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        qkv = self.qkv_proj(h).view(t, -1, self.head_dim)
+        # q and k heads are adjacent in the fused projection: rotate them in one go.
+        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], *rope)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads:]
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.head_dim**-0.5)
@@ -59,6 +57,8 @@ class DecoderLayer(nn.Module):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32 (as HF does) and cast back."""
+    if x.dtype == torch.float32:  # one fused kernel, bit-identical to the formula below in fp32
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -88,8 +88,9 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rope.tables(positions, x.dtype)
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, self.rope, positions, meta, cache)
+            x = layer(x, rope, meta, cache)
         # The LM head is the largest single matmul of a small model: run it only on the tokens we
         # sample from (last token of each finished chunk and each decode), not on every prompt token.
         x = rms_norm(x[logits_indices], self.norm, self.cfg.rms_norm_eps)

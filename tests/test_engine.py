@@ -1,0 +1,82 @@
+"""LLMEngine behaviour: streaming outputs, abort, failures, reconfigure."""
+
+from __future__ import annotations
+
+import pytest
+
+from sarathi import SamplingParams
+from sarathi.engine import EngineStepError
+
+
+def run_all(engine) -> dict[str, object]:
+    final = {}
+    for _ in range(500):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+def test_step_outputs_are_cumulative_and_abort_frees_blocks(engine):
+    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    engine.add_request("a", "The capital of France is", p)
+    engine.add_request("b", "Once upon a time", p)
+    seen: list[list[int]] = []
+    for _ in range(4):
+        for out in engine.step():
+            if out.request_id == "a":
+                seen.append(list(out.outputs[0].token_ids))
+    assert seen and all(len(x) <= len(y) and y[: len(x)] == x for x, y in zip(seen, seen[1:]))
+    used = engine.kv.num_blocks - engine.kv.num_free_blocks
+    assert used > 0
+    engine.abort_request("b")
+    engine.abort_request("does-not-exist")  # unknown ids are ignored
+    final = run_all(engine)
+    assert set(final) == {"a"} and len(final["a"].outputs[0].token_ids) == 12
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_duplicate_request_id_rejected(engine):
+    engine.add_request("dup", "Hello", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="request_id"):
+        engine.add_request("dup", "Hello", SamplingParams(max_tokens=2))
+    run_all(engine)
+
+
+def test_engine_failure_aborts_only_that_step_and_recovers(engine, monkeypatch):
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("x", "Hello there", p)
+    real = engine.executor.execute
+
+    def boom(batch):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(engine.executor, "execute", boom)
+    with pytest.raises(EngineStepError) as info:
+        engine.step()
+    assert info.value.request_ids == ["x"]
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    monkeypatch.setattr(engine.executor, "execute", real)
+    engine.add_request("y", "Hello there", p)
+    assert len(run_all(engine)["y"].outputs[0].token_ids) == 4
+
+
+def test_reconfigure_refuses_while_busy_and_rejects_unknown_fields(engine):
+    with pytest.raises(ValueError, match="reconfigure"):
+        engine.reconfigure(model="other")
+    engine.add_request("busy", "Hello", SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="running"):
+        engine.reconfigure(scheduler="vllm")
+    run_all(engine)
+    engine.reconfigure(scheduler="orca", max_num_seqs=2)
+    assert engine.scheduler.name == "orca" and engine.scheduler.config.max_num_seqs == 2
+
+
+def test_metrics_timestamps_are_ordered(engine):
+    engine.add_request("m", "Hello", SamplingParams(max_tokens=3, ignore_eos=True))
+    m = run_all(engine)["m"].metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time
+    assert m.finished_time == m.last_token_time

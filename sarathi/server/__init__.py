@@ -1,0 +1,62 @@
+"""OpenAI-compatible server: ``sarathi serve`` (or ``build_app(engine)`` to embed it)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Generator
+from typing import Any
+
+from sarathi.config import EngineArgs
+from sarathi.server.app import build_app
+from sarathi.server.async_engine import AsyncLLMEngine
+
+__all__ = ["AsyncLLMEngine", "build_app", "run_server"]
+
+logger = logging.getLogger("sarathi.server")
+
+
+def _uvicorn_server(config: Any) -> Any:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        """uvicorn's server, but SIGINT/SIGTERM end in a plain exit 0 after the graceful shutdown
+        (uvicorn re-raises the signal once it has shut down, which would kill the process)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            def on_signal(sig: int, frame: Any) -> None:
+                logger.info("received %s: finishing in-flight requests, then exiting",
+                            signal.Signals(sig).name)
+                if self.should_exit and sig == signal.SIGINT:
+                    self.force_exit = True
+                self.should_exit = True
+
+            old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    return _Server(config)
+
+
+def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               served_model_name: str | None = None, max_waiting_requests: int | None = None,
+               shutdown_timeout: float = 30.0, log_level: str = "info") -> int:
+    """Load the model, serve until SIGINT/SIGTERM, shut down gracefully; returns the exit code."""
+    import uvicorn
+
+    from sarathi.engine import LLMEngine
+
+    args.check()
+    engine = LLMEngine(args)
+    app = build_app(engine, api_key=api_key, served_model_name=served_model_name,
+                    max_waiting_requests=max_waiting_requests, shutdown_timeout=shutdown_timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=max(1, round(shutdown_timeout)))
+    server = _uvicorn_server(config)
+    server.run()
+    return 0 if server.started else 1

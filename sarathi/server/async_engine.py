@@ -1,0 +1,281 @@
+"""Drive one ``LLMEngine`` from a background thread for an asyncio server.
+
+The engine is not thread-safe, so only the engine thread touches it: handlers post "add" and "abort"
+commands to an inbox that the thread drains before every step, which is also how new requests join the
+running batch at the next step (continuous batching). Outputs travel back to each request's
+``RequestStream`` (an asyncio queue) with ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sarathi.engine import EngineStepError, LLMEngine, RequestGroup
+from sarathi.outputs import RequestOutput
+from sarathi.server.metrics import ServerMetrics
+
+logger = logging.getLogger("sarathi.server")
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; retry later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The server is shutting down (or its engine thread is gone) and accepts no new requests."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while running this request (the request was aborted)."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted by the server (e.g. at shutdown) before it finished."""
+
+
+@dataclass
+class _Tracked:
+    group: RequestGroup
+    stream: RequestStream
+    num_tokens: int = 0
+    last_output_time: float | None = None
+    seen_first_token: bool = False
+
+
+@dataclass
+class _Inbox:
+    items: deque[tuple[str, Any]] = field(default_factory=deque)
+    wake: threading.Event = field(default_factory=threading.Event)
+
+    def post(self, kind: str, payload: Any) -> None:
+        self.items.append((kind, payload))
+        self.wake.set()
+
+
+class RequestStream:
+    """Outputs of the request groups of one HTTP request, in arrival order; ``close()`` aborts the rest."""
+
+    def __init__(self, owner: AsyncLLMEngine, request_ids: list[str]) -> None:
+        self._owner = owner
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.request_ids = list(request_ids)
+        self._unfinished = set(request_ids)
+        self._closed = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Called from the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while self._unfinished:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    self._unfinished.discard(item.request_id)
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort whatever has not finished (idempotent, callable from any thread)."""
+        if not self._closed:
+            self._closed = True
+            if self._unfinished:
+                self._owner.abort(sorted(self._unfinished))
+
+    def __del__(self) -> None:  # safety net for a stream that was never iterated
+        self.close()
+
+
+class AsyncLLMEngine:
+    """Owns the engine thread. ``submit`` queues request groups and returns their ``RequestStream``."""
+
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.metrics = metrics or ServerMetrics(engine.model_name)
+        self._inbox = _Inbox()
+        self._live: dict[str, _Tracked] = {}
+        self._lock = threading.Lock()  # guards _live (read by handlers, written by the engine thread)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.accepting = False
+        self.retry_after_s = 1
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop, self.accepting = False, True
+        self._thread = threading.Thread(target=self._run, name="sarathi-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._live)
+
+    @property
+    def num_waiting(self) -> int:
+        """Accepted requests the engine has not scheduled yet."""
+        with self._lock:
+            return sum(1 for t in self._live.values() if t.group.metrics.first_scheduled_time is None)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting; let in-flight requests finish for up to ``timeout`` s; abort the rest."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self._live and self.is_running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._stop = True
+        self._inbox.wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
+
+    # ---- handler side ------------------------------------------------------------------------
+    def submit(self, groups: list[RequestGroup]) -> RequestStream:
+        """Queue validated groups (all or none). Raises QueueFullError / EngineStoppedError."""
+        if not self.accepting or not self.is_running:
+            raise EngineStoppedError("the server is shutting down")
+        limit = self.max_waiting_requests
+        if limit is not None and self.num_waiting + len(groups) > limit:
+            self.metrics.record_rejected()
+            raise QueueFullError(f"too many waiting requests (limit {limit}); retry later")
+        stream = RequestStream(self, [g.request_id for g in groups])
+        with self._lock:
+            for g in groups:
+                self._live[g.request_id] = _Tracked(g, stream)
+        for g in groups:
+            self._inbox.post("add", g)
+        return stream
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._inbox.post("abort", list(request_ids))
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        logger.info("engine loop started")
+        while True:
+            try:
+                self._drain_inbox()
+                if self._stop:
+                    self._abort_all(RequestAbortedError("the server shut down"), "abort")
+                    break
+                if not eng.has_unfinished_requests():
+                    self._record_state()
+                    self._inbox.wake.wait(0.5)
+                    self._inbox.wake.clear()
+                    continue
+                self._step()
+            except Exception:  # anything but a failed model step: fail what is in flight, go on
+                logger.exception("engine loop error; failing all in-flight requests")
+                self._abort_all(RequestFailedError("internal engine error"), "error")
+        logger.info("engine loop stopped")
+
+    def _drain_inbox(self) -> None:
+        while self._inbox.items:
+            kind, payload = self._inbox.items.popleft()
+            if kind == "add":
+                if payload.request_id in self._live:
+                    try:
+                        self.engine.add_group(payload)
+                    except ValueError as e:
+                        t = self._forget(payload.request_id)
+                        if t is not None:
+                            t.stream.put(RequestFailedError(str(e)))
+            else:
+                live = [rid for rid in payload if rid in self._live]
+                self.engine.abort_request(live)
+                now = time.time()
+                for rid in live:
+                    t = self._forget(rid)
+                    if t is not None:
+                        self.metrics.record_finished(["abort"] * len(t.group.seqs), t.group.metrics, now)
+
+    def _step(self) -> None:
+        eng = self.engine
+        steps_before = eng.stats.num_steps
+        try:
+            outputs = eng.step()
+        except EngineStepError as e:  # the engine already aborted these requests
+            now = time.time()
+            for rid in e.request_ids:
+                t = self._forget(rid)
+                if t is not None:
+                    t.stream.put(RequestFailedError(f"the engine failed while running this request: {e}"))
+                    self.metrics.record_finished(["error"] * len(t.group.seqs), t.group.metrics, now)
+            self._record_state()
+            return
+        if eng.stats.num_steps != steps_before:
+            rec = eng.stats.steps[-1]
+            self.metrics.record_step(rec.num_prompt_tokens, rec.num_decode_tokens, rec.num_preempted,
+                                     rec.duration)
+        now = time.time()
+        for out in outputs:
+            t = self._live.get(out.request_id)
+            if t is None:
+                continue
+            self._account(t, out, now)
+            t.stream.put(out)
+            if out.finished:
+                self._forget(out.request_id)
+                reasons = [c.finish_reason or "abort" for c in out.outputs]
+                self.metrics.record_finished(reasons, out.metrics, now)
+        self._record_state()
+
+    def _account(self, t: _Tracked, out: RequestOutput, now: float) -> None:
+        m = self.metrics
+        n = sum(len(c.token_ids) for c in out.outputs)
+        if n > t.num_tokens:
+            m.generation_tokens.inc(n - t.num_tokens)
+            t.num_tokens = n
+            if t.last_output_time is not None:
+                m.tbt.observe(now - t.last_output_time)
+            t.last_output_time = now
+        if not t.seen_first_token and out.metrics and out.metrics.first_token_time is not None:
+            t.seen_first_token = True
+            m.prompt_tokens.inc(len(out.prompt_token_ids))
+            m.ttft.observe(max(0.0, out.metrics.first_token_time - out.metrics.arrival_time))
+
+    def _forget(self, rid: str) -> _Tracked | None:
+        with self._lock:
+            return self._live.pop(rid, None)
+
+    def _abort_all(self, error: BaseException, reason: str) -> None:
+        with self._lock:
+            live, self._live = self._live, {}
+        try:
+            self.engine.abort_request(list(live))
+        except Exception:
+            logger.exception("could not abort requests %s", list(live))
+        now = time.time()
+        for t in live.values():
+            t.stream.put(error)
+            self.metrics.record_finished([reason] * len(t.group.seqs), t.group.metrics, now)
+        self._record_state()
+
+    def _record_state(self) -> None:
+        eng = self.engine
+        self.metrics.record_state(eng.scheduler.num_running, eng.scheduler.num_waiting, eng.kv.usage,
+                                  eng.kv.num_free_blocks)

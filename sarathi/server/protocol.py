@@ -1,0 +1,215 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), and helpers that shape the JSON we send back.
+
+Requests are validated strictly (a string where a number belongs is a 400, not a silent coercion);
+unknown fields are ignored so that clients sending newer OpenAI fields keep working. Range checks
+live in ``SamplingParams`` and in the engine, whose error messages start with the field name.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sarathi.outputs import CompletionOutput, Logprob
+from sarathi.sampling_params import SamplingParams
+
+_STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by both endpoints: OpenAI's names plus vLLM's extras."""
+
+    model_config = _STRICT
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = Field(1, ge=1, le=64)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extra sampling fields
+    top_k: int = -1
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def check_unsupported(self) -> None:
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty: presence/frequency penalties are not supported (use 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias: not supported")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """Build SamplingParams (raises ValueError naming the field)."""
+        self.check_unsupported()
+        return SamplingParams(
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Any
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, v: Any) -> Any:
+        def is_ids(x: Any) -> bool:
+            return isinstance(x, list) and bool(x) and all(type(t) is int for t in x)
+
+        if isinstance(v, str) or is_ids(v):
+            return v
+        if isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(is_ids(p) for p in v)):
+            return v
+        raise ValueError("must be a string, a list of strings, a non-empty list of token ids, "
+                         "or a list of such lists")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: strings or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.suffix:
+            raise ValueError("suffix: not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: only best_of == n is supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo: echo together with logprobs (prompt logprobs) is not supported")
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: str
+    content: Any = ""
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _flatten(cls, v: Any) -> str:
+        """Accept a string, null, or a list of {"type": "text", "text": ...} parts."""
+        if v is None or isinstance(v, str):
+            return v or ""
+        if isinstance(v, list) and all(isinstance(p, dict) for p in v):
+            if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in v):
+                raise ValueError("only text content parts are supported")
+            return "".join(p["text"] for p in v)
+        raise ValueError("must be a string or a list of text parts")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    add_generation_prompt: bool = True
+
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    @property
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ---- errors -------------------------------------------------------------------------------------
+_LEADING_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)(?::| must| only| requires| \()")
+
+
+def field_of(message: str) -> str | None:
+    """The field a ValueError message names first ("max_tokens: ..." / "top_p must be ...")."""
+    m = _LEADING_FIELD.match(message)
+    return m.group(1) if m else None
+
+
+def describe_validation_error(e: ValidationError) -> tuple[str, str]:
+    """(param, message) for the first problem pydantic found."""
+    err = e.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or "body"
+    msg = err["msg"].removeprefix("Value error, ")
+    return param, f"{param}: {msg}"
+
+
+def error_body(message: str, err_type: str, param: str | None, code: int) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+# ---- response pieces ----------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def envelope(resp_id: str, obj: str, model: str, created: int | None = None) -> dict[str, Any]:
+    return {"id": resp_id, "object": obj, "created": created or int(time.time()), "model": model}
+
+
+def _top(entry: dict[int, Logprob], k: int) -> list[Logprob]:
+    return sorted((lp for lp in entry.values() if lp.rank <= k), key=lambda lp: lp.rank)
+
+
+def completion_logprobs(c: CompletionOutput, start: int, k: int, text_offset: int) -> dict[str, Any]:
+    """Legacy completions ``logprobs`` for tokens ``start:`` of ``c`` (text offsets from text_offset)."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tok, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=False):
+        chosen = entry[tok]
+        text = chosen.decoded_token or ""
+        tokens.append(text)
+        token_lps.append(chosen.logprob)
+        top = {lp.decoded_token or "": lp.logprob for lp in _top(entry, k)}
+        top.setdefault(text, chosen.logprob)
+        tops.append(top)
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(c: CompletionOutput, start: int, k: int) -> dict[str, Any]:
+    """Chat ``logprobs`` ({"content": [...]}) for tokens ``start:`` of ``c``."""
+    def item(lp: Logprob) -> dict[str, Any]:
+        text = lp.decoded_token or ""
+        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for tok, entry in zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=False):
+        content.append({**item(entry[tok]), "top_logprobs": [item(lp) for lp in _top(entry, k)]})
+    return {"content": content}

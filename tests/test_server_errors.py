@@ -1,0 +1,153 @@
+"""Bad input, auth, a full waiting queue and engine failures: clear errors, and the server keeps serving."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import httpx
+import pytest
+
+import tests.test_server as base
+
+server = base.server  # the same module-scoped server fixture, started afresh for this module
+API_KEY = base.API_KEY
+
+GOOD = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
+LONG_IDS = [504] * 9000  # longer than the model's 8192-token context
+
+COMPLETION_CASES = [
+    ("malformed-json", b'{"prompt": "x", ', "body"),
+    ("not-an-object", b"[1, 2]", "body"),
+    ("missing-prompt", {"max_tokens": 2}, "prompt"),
+    ("prompt-wrong-type", {"prompt": 5}, "prompt"),
+    ("empty-prompt-list", {"prompt": []}, "prompt"),
+    ("max-tokens-wrong-type", {**GOOD, "max_tokens": "5"}, "max_tokens"),
+    ("temperature-wrong-type", {**GOOD, "temperature": "hot"}, "temperature"),
+    ("stream-wrong-type", {**GOOD, "stream": "yes"}, "stream"),
+    ("prompt-too-long", {"prompt": LONG_IDS, "max_tokens": 1}, "prompt"),
+    ("max-tokens-zero", {**GOOD, "max_tokens": 0}, "max_tokens"),
+    ("max-tokens-over-context", {**GOOD, "max_tokens": 9000}, "max_tokens"),
+    ("negative-temperature", {**GOOD, "temperature": -0.5}, "temperature"),
+    ("top-p-zero", {**GOOD, "top_p": 0}, "top_p"),
+    ("top-p-over-one", {**GOOD, "top_p": 1.5}, "top_p"),
+    ("unknown-model", {**GOOD, "model": "gpt-4"}, "model"),
+    ("token-id-out-of-vocab", {"prompt": [1, 10**9]}, "prompt"),
+    ("n-zero", {**GOOD, "n": 0}, "n"),
+    ("stop-empty-string", {**GOOD, "stop": [""]}, "stop"),
+    ("min-tokens-over-max", {**GOOD, "min_tokens": 5}, "min_tokens"),
+    ("nan-temperature", b'{"prompt": "x", "temperature": NaN}', "temperature"),
+]
+CHAT_CASES = [
+    ("missing-messages", {"max_tokens": 2}, "messages"),
+    ("messages-not-a-list", {"messages": "hi"}, "messages"),
+    ("message-without-role", {"messages": [{"content": "hi"}]}, "messages.0.role"),
+    ("chat-too-long", {"messages": [{"role": "user", "content": "hi " * 9000}], "max_tokens": 1},
+     "messages"),
+    ("chat-bad-top-p", {"messages": [{"role": "user", "content": "hi"}], "top_p": 2}, "top_p"),
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """This module compares no texts: no reference outputs to compute before the server starts."""
+    return {}
+
+
+def _post(server: Any, path: str, body: Any, **kw: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **kw}
+    content = body if isinstance(body, bytes) else httpx.Request("POST", "/", json=body).content
+    return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=120)
+
+
+def _assert_error(r: httpx.Response, status: int, param: str | None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["code"] == status and err["type"]
+    if param is not None:
+        assert err["param"] == param and param.split(".")[0] in err["message"]
+
+
+def _assert_still_serves(server: Any) -> None:
+    r = _post(server, "/v1/completions", GOOD)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("body,param", [c[1:] for c in COMPLETION_CASES],
+                         ids=[c[0] for c in COMPLETION_CASES])
+def test_bad_completion_request(server, body, param):
+    _assert_error(_post(server, "/v1/completions", body), 400, param)
+
+
+@pytest.mark.parametrize("body,param", [c[1:] for c in CHAT_CASES], ids=[c[0] for c in CHAT_CASES])
+def test_bad_chat_request(server, body, param):
+    _assert_error(_post(server, "/v1/chat/completions", body), 400, param)
+
+
+def test_server_survives_bad_input(server, llm):
+    _assert_still_serves(server)
+    assert not llm.engine.groups
+
+
+def test_openai_client_sees_bad_request(server):
+    import openai
+
+    client = server.openai()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="SmolLM2-135M-Instruct", prompt="x", max_tokens=2, temperature=-1)
+    assert "temperature" in str(e.value)
+
+
+def test_api_key(server):
+    r = httpx.post(f"{server.url}/v1/completions", json=GOOD)
+    _assert_error(r, 401, None)
+    _assert_error(_post(server, "/v1/completions", GOOD, Authorization="Bearer wrong"), 401, None)
+    _assert_error(httpx.get(f"{server.url}/v1/models"), 401, None)
+    assert httpx.get(f"{server.url}/health").status_code == 200  # health and metrics need no key
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    _assert_error(_post(server, "/v1/nowhere", GOOD), 404, None)
+
+
+def test_full_waiting_queue_gives_429_and_keeps_accepted(server, llm, monkeypatch):
+    aeng = server.aengine
+    monkeypatch.setattr(aeng, "max_waiting_requests", 1)
+    entered, release = base.gate_executor(monkeypatch, llm.engine)
+    first: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: first.update(r=_post(server, "/v1/completions", GOOD)))
+    t.start()
+    try:
+        assert entered.wait(60), "the first request never reached the engine"
+        assert aeng.num_waiting == 1  # blocked in its first step, not yet scheduled
+        r = _post(server, "/v1/completions", GOOD)
+        _assert_error(r, 429, None)
+        assert int(r.headers["Retry-After"]) >= 1
+    finally:
+        release.set()
+        t.join(120)
+    assert first["r"].status_code == 200 and first["r"].json()["usage"]["completion_tokens"] == 2
+    monkeypatch.undo()
+    _assert_still_serves(server)
+    assert server.metric("sarathi_requests_rejected_total") >= 1
+
+
+def test_engine_failure_gives_500_and_server_keeps_serving(server, llm, monkeypatch, caplog):
+    engine = llm.engine
+    real = engine.executor.execute
+
+    def flaky(batch: Any) -> Any:
+        if any(s.request.params.seed == 666 for s in batch.scheduled):
+            raise RuntimeError("injected model failure")
+        return real(batch)
+
+    monkeypatch.setattr(engine.executor, "execute", flaky)
+    with caplog.at_level("ERROR", logger="sarathi"):
+        r = _post(server, "/v1/completions", {**GOOD, "seed": 666})
+    _assert_error(r, 500, None)
+    assert any(rec.exc_info for rec in caplog.records), "the traceback should be logged"
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**GOOD, "seed": 666, "stream": True},
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert '"error"' in lines[0] and lines[-1] == "data: [DONE]"
+    _assert_still_serves(server)
+    assert server.metric("sarathi_requests_finished_total", finished_reason="error") == 2
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks

@@ -70,7 +70,7 @@ def _serve(ns: argparse.Namespace) -> int:
 
     args = engine_args_from(ns)
     args.check()  # flag errors before the model loads
-    api_key = ns.api_key or os.environ.get("SARATHI_API_KEY")
+    api_key = ns.api_key or os.environ.get("SARATHI_API_KEY") or None
     return run_server(args, host=ns.host, port=ns.port, api_key=api_key,
                       served_model_name=ns.served_model_name, max_waiting_requests=ns.max_waiting_requests,
                       shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level)
@@ -103,6 +103,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(s)
     handlers["serve"] = _serve
+    from sarathi.bench.cli import add_bench_parser
+
+    add_bench_parser(sub, handlers)  # sarathi bench throughput|profile|serve|compare|workload
     return parser, handlers
 
 

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gen_tokens = wasted = padded_prompt_tokens = 0
     batch_times = []
+    load_start = [round(x, 2) for x in os.getloadavg()]
     t1 = time.perf_counter()
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "engine": "hf-transformers-static",
         "mode": "offline",
+        "workload": str(args.workload),
+        "loadavg_start": load_start,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "model": str(args.model),
         "dtype": args.dtype,
         "batch_size": args.batch_size,

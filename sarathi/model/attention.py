@@ -26,6 +26,7 @@ class PrefillChunk:
     kv_len: int
     block_table: torch.Tensor  # [ceil(kv_len / block_size)] int64
     mask: torch.Tensor | None = None  # [q_len, kv_len] bool; None: no cached prefix, plain causal
+    start_slot: int | None = None  # set when the blocks are one contiguous run: read K/V as a view
 
     def __post_init__(self) -> None:
         if self.kv_len != self.q_len and self.mask is None:
@@ -118,6 +119,9 @@ def _chunk_attention(
     kvh = k_new.shape[1]
     if c.kv_len == n:  # first chunk: nothing cached before it, attend to this step's K/V directly
         k, v = k_new, v_new
+    elif c.start_slot is not None:
+        k = k_cache.view(-1, kvh, d)[c.start_slot : c.start_slot + c.kv_len]
+        v = v_cache.view(-1, kvh, d)[c.start_slot : c.start_slot + c.kv_len]
     else:
         k = _gather(k_cache, c.block_table).view(-1, kvh, d)[: c.kv_len]
         v = _gather(v_cache, c.block_table).view(-1, kvh, d)[: c.kv_len]

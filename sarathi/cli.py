@@ -28,9 +28,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: all cores); use 1 when other processes are busy, "
+                        "since OpenMP threads waiting on a descheduled peer make small matmuls crawl")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    if getattr(ns, "threads", None):
+        import torch
+
+        torch.set_num_threads(ns.threads)
     return EngineArgs(
         model=ns.model, dtype=ns.dtype, scheduler=ns.scheduler, chunk_size=ns.chunk_size,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,

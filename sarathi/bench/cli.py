@@ -44,7 +44,7 @@ def _args_dict(ns: argparse.Namespace) -> dict[str, Any]:
 def _throughput(ns: argparse.Namespace) -> int:
     from sarathi.bench import throughput as tp
     from sarathi.bench import workloads
-    from sarathi.bench.common import loadavg, run_meta, save_json
+    from sarathi.bench.common import loadavg, run_meta
 
     cfg = dict(tp.PRESETS[ns.preset])
     for key in ("prompt_lens", "pd_ratios", "num_requests", "max_num_seqs", "chunk_sizes", "sharegpt",
@@ -67,21 +67,14 @@ def _throughput(ns: argparse.Namespace) -> int:
     body = tp.run_throughput(llm, wls, policies, cfg["max_num_seqs"], limits, ns.calibrate_repeats,
                              ns.tile_size, progress=not ns.no_progress, repeats=ns.repeats)
     data = {"meta": {**meta, "loadavg_end": loadavg()}, "limits": limits, **body}
-    tag = ns.tag or ns.preset
-    path = save_json(data, ns.out_dir / f"throughput_{tag}.json")
-    print(tp.table(data["results"]))
-    print(f"\nthreads {threads}, load avg {meta['loadavg_start']} -> {data['meta']['loadavg_end']}; "
-          f"saved {path}")
-    if not ns.no_plot:
-        from sarathi.bench.plots import plot_throughput
+    from sarathi.bench.plots import plot_throughput
 
-        print(f"plot: {plot_throughput(data, path.with_suffix('.png'))}")
-    return 0
+    return _report(ns, data, "throughput", tp.table(data["results"]), threads, plot_throughput)
 
 
 def _profile(ns: argparse.Namespace) -> int:
     from sarathi.bench import cost_profile as cp
-    from sarathi.bench.common import loadavg, run_meta, save_json
+    from sarathi.bench.common import loadavg, run_meta
 
     cfg = dict(cp.PRESETS[ns.preset])
     for key in ("prefill_sizes", "decode_batches", "context", "repeats", "mixed_chunk", "mixed_decodes"):
@@ -92,14 +85,22 @@ def _profile(ns: argparse.Namespace) -> int:
     body = cp.run_profile(llm, cfg["prefill_sizes"], cfg["decode_batches"], cfg["context"], cfg["repeats"],
                           limits, cfg["mixed_chunk"], cfg["mixed_decodes"], progress=not ns.no_progress)
     data = {"meta": {**meta, "loadavg_end": loadavg()}, **body}
-    path = save_json(data, ns.out_dir / f"profile_{ns.tag or ns.preset}.json")
-    print("\n".join(cp.summary_lines(data)))
-    print(f"\nthreads {threads}, load avg {meta['loadavg_start']} -> {data['meta']['loadavg_end']}; "
-          f"saved {path}")
-    if not ns.no_plot:
-        from sarathi.bench.plots import plot_profile
+    from sarathi.bench.plots import plot_profile
 
-        print(f"plot: {plot_profile(data, path.with_suffix('.png'))}")
+    return _report(ns, data, "profile", "\n".join(cp.summary_lines(data)), threads, plot_profile)
+
+
+def _report(ns: argparse.Namespace, data: dict, kind: str, summary: str, threads: int,
+            plot: Callable[[dict, Path], object]) -> int:
+    """Save the result JSON, print the summary and load averages, and draw the plot."""
+    from sarathi.bench.common import save_json
+
+    path = save_json(data, ns.out_dir / f"{kind}_{ns.tag or ns.preset}.json")
+    meta = data["meta"]
+    print(summary)
+    print(f"\nthreads {threads}, load avg {meta['loadavg_start']} -> {meta['loadavg_end']}; saved {path}")
+    if not ns.no_plot:
+        print(f"plot: {plot(data, path.with_suffix('.png'))}")
     return 0
 
 

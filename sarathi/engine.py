@@ -13,8 +13,8 @@ from sarathi.executor.local import LocalExecutor, SampledToken
 from sarathi.kv_cache import BlockManager
 from sarathi.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from sarathi.request import Request, RequestStatus
-from sarathi.sampling_params import SamplingParams
-from sarathi.scheduler import SchedulerConfig, make_scheduler
+from sarathi.sampling_params import SEED_MAX, SamplingParams
+from sarathi.scheduler import SchedulerConfig, SchedulerOutput, make_scheduler
 from sarathi.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("sarathi")
@@ -33,6 +33,8 @@ class StepRecord:
     num_decode_tokens: int
     num_requests: int
     num_preempted: int
+    num_recomputed_tokens: int = 0  # KV tokens discarded by this step's preemptions (computed again later)
+    num_failed: int = 0  # requests that failed inside this step (their batch-mates were not affected)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class RequestGroup:
     seqs: list[Request]
     metrics: RequestMetrics
     aborted: bool = False
+    error: str | None = None  # why the group failed inside a step, if it did
 
     @property
     def finished(self) -> bool:
@@ -52,7 +55,8 @@ class RequestGroup:
 
 
 class EngineStepError(RuntimeError):
-    """The model failed during a step; the requests in that step were aborted, others go on."""
+    """Requests failed inside a step. ``LLMEngine.step`` no longer raises it (a failing request comes
+    back as a finished ``RequestOutput`` with ``error`` set); kept for code that catches it."""
 
     def __init__(self, request_ids: list[str], cause: BaseException) -> None:
         super().__init__(f"engine step failed for requests {request_ids}: {cause!r}")
@@ -138,8 +142,10 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt: must not be empty")
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids: token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens, but the model's context (max_model_len) is "
                              f"{self.max_model_len} and at least one token must be generated")
@@ -157,7 +163,9 @@ class LLMEngine:
         for i in range(params.n):
             p = params
             if params.n > 1 and params.seed is not None:  # distinct but reproducible samples
-                p = SamplingParams(**{**_fields(params), "seed": params.seed + i})
+                seed = params.seed + i
+                seed -= 2**64 if seed > SEED_MAX else 0  # wrap around, staying a valid 64-bit seed
+                p = SamplingParams(**{**_fields(params), "seed": seed})
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             r = Request(seq_id, ids, p, arrival_time=now, max_tokens=max_tokens, group_id=request_id)
             r.detok = IncrementalDetokenizer(self.tokenizer, ids, p.skip_special_tokens)
@@ -193,28 +201,40 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the (cumulative) output of every request that advanced."""
+        """Run one iteration; return the (cumulative) output of every request that advanced.
+
+        A request that fails inside the step (model or sampler) is finished with ``error`` set in its
+        output; the requests batched with it get their tokens as if it had not been there.
+        """
         start = time.time()
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        try:
-            sampled = self.executor.execute(batch)
-        except Exception as e:
-            ids = list(dict.fromkeys(s.request.group_id for s in batch.scheduled))
-            logger.exception("engine step failed; aborting %s", ids)
-            self.abort_request(ids)
-            raise EngineStepError(ids, e) from e
+        sampled, failures = self._execute_isolated(batch)
         now = time.time()
         touched: dict[str, RequestGroup] = {}
+        failed_groups: dict[str, str] = {}
+        for req, err in failures.items():
+            failed_groups.setdefault(req.group_id, f"{type(err).__name__}: {err}")
+        for gid, msg in failed_groups.items():
+            g = self.groups[gid]
+            logger.error("request %s failed inside a step and was stopped: %s", gid, msg)
+            g.error = msg
+            for s in g.seqs:
+                self.scheduler.finish_request(s, RequestStatus.FINISHED_ERROR)
+            touched[gid] = g
         for e in batch.scheduled:
             req = e.request
+            if req.group_id in failed_groups:
+                continue
             req.num_computed_tokens += e.num_new_tokens
             g = self.groups[req.group_id]
             if g.metrics.first_scheduled_time is None:
                 g.metrics.first_scheduled_time = start
         for s in sampled:
+            if s.request.group_id in failed_groups:
+                continue  # a sibling sequence (n > 1) failed: the whole group has finished
             g = self.groups[s.request.group_id]
             self._append_token(s, g)
             touched[g.request_id] = g
@@ -224,7 +244,8 @@ class LLMEngine:
         self.stats.num_steps += 1
         self.stats.steps.append(StepRecord(
             self.stats.num_steps, start, time.perf_counter() - t0, batch.num_prompt_tokens,
-            batch.num_decode_tokens, len(batch.scheduled), len(batch.preempted)))
+            batch.num_decode_tokens, len(batch.scheduled), len(batch.preempted),
+            batch.num_recomputed_tokens, len(failed_groups)))
         outputs = []
         for g in touched.values():
             if g.finished:
@@ -232,6 +253,33 @@ class LLMEngine:
                 del self.groups[g.request_id]
             outputs.append(self._output(g))
         return outputs
+
+    def _execute_isolated(self, batch: SchedulerOutput) -> tuple[list[SampledToken],
+                                                                 dict[Request, BaseException]]:
+        """Execute ``batch``; if it fails, bisect it to find the request(s) that make it fail.
+
+        Retrying is safe: a sub-batch writes the same K/V slots with the same values, and seeded noise
+        depends only on (seed, position). Costs nothing unless a step fails, then O(k log n) forwards
+        for k failing requests among n. Greedy tokens do not depend on the batch composition, so the
+        innocent requests get exactly the tokens they would have got.
+        """
+        try:
+            return self.executor.execute(batch), {}
+        except Exception as e:  # any failure is pinned to the request(s) that cause it, below
+            if len(batch.scheduled) == 1:
+                logger.error("step failed for request %s", batch.scheduled[0].request.request_id,
+                             exc_info=e)
+                return [], {batch.scheduled[0].request: e}
+            logger.warning("step of %d requests failed (%r); retrying in halves to isolate the cause",
+                           len(batch.scheduled), e)
+        mid = len(batch.scheduled) // 2
+        sampled: list[SampledToken] = []
+        failures: dict[Request, BaseException] = {}
+        for part in (batch.scheduled[:mid], batch.scheduled[mid:]):
+            got, bad = self._execute_isolated(SchedulerOutput(scheduled=part))
+            sampled += got
+            failures.update(bad)
+        return sampled, failures
 
     def _append_token(self, s: SampledToken, g: RequestGroup) -> None:
         req, tok, p = s.request, s.token_id, s.request.params
@@ -280,7 +328,8 @@ class LLMEngine:
             )
             for i, s in enumerate(g.seqs)
         ]
-        return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, comps, g.finished, g.metrics)
+        return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, comps, g.finished, g.metrics,
+                             error=g.error)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -21,7 +21,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     stop_reason: int | str | None = None
     logprobs: SampleLogprobs | None = None
     cumulative_logprob: float | None = None
@@ -42,7 +42,11 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """Cumulative state of one request: text and token ids generated so far."""
+    """Cumulative state of one request: text and token ids generated so far.
+
+    ``error`` is set (and ``finished`` is True) when this request failed inside an engine step; the
+    requests that were batched with it are not affected.
+    """
 
     request_id: str
     prompt: str | None
@@ -52,3 +56,4 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    error: str | None = None

@@ -21,10 +21,11 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # failed inside a step (pinned to this request; its batch-mates go on)
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self is not RequestStatus.WAITING and self is not RequestStatus.RUNNING
 
 
 @dataclass(eq=False)
@@ -47,7 +48,6 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     # Engine-side state, opaque to the scheduler.
-    generator: Any = None
     detok: Any = None
     text: str = ""
     stop_reason: int | str | None = None

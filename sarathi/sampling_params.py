@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+# Range limits, so that a value accepted here can never break the shared sampler mid-batch.
+MAX_TEMPERATURE = 100.0  # far past "uniform" already; keeps logits / temperature finite in fp32
+MAX_TOP_K = 2**31 - 1  # anything above the vocabulary size means "no top-k"
+MAX_LOGPROBS = 20  # vLLM's and OpenAI's limit
+MAX_STOP_STRINGS = 64  # each one is searched for after every token
+MAX_STOP_TOKEN_IDS = 1024
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
 @dataclass
@@ -32,38 +40,50 @@ class SamplingParams:
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if self.temperature is None or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_p is None or not 0.0 < self.top_p <= 1.0:
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got "
+                             f"{self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is None or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled), 0 (disabled) or >= 1, got {self.top_k!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be -1 (disabled), 0 (disabled) or an integer in [1, {MAX_TOP_K}]"
+                             f", got {self.top_k!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
             )
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         if self.stop is None:
             self._stop = []
         elif isinstance(self.stop, str):
             self._stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self._stop = list(self.stop)
+        else:
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if any(not isinstance(s, str) or not s for s in self._stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        ids = self.stop_token_ids or []
-        if any(not isinstance(t, int) or t < 0 for t in ids):
+        if len(self._stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self._stop)}")
+        ids = self.stop_token_ids if self.stop_token_ids is not None else []
+        if not isinstance(ids, (list, tuple)) or any(not _is_int(t) or t < 0 for t in ids):
             raise ValueError("stop_token_ids must be a list of non-negative integers")
-        self.stop_token_ids = list(ids)
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+        self.stop_token_ids = list(dict.fromkeys(ids))
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
@@ -72,3 +92,12 @@ class SamplingParams:
     @property
     def stop_strings(self) -> list[str]:
         return self._stop
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    """An int (any size: range checks compare exactly) or a finite float."""
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))

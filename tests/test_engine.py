@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from sarathi import SamplingParams
-from sarathi.engine import EngineStepError
 
 
 def run_all(engine) -> dict[str, object]:
@@ -45,7 +44,7 @@ def test_duplicate_request_id_rejected(engine):
     run_all(engine)
 
 
-def test_engine_failure_aborts_only_that_step_and_recovers(engine, monkeypatch):
+def test_engine_failure_finishes_the_request_with_an_error_and_recovers(engine, monkeypatch):
     p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     engine.add_request("x", "Hello there", p)
     real = engine.executor.execute
@@ -54,9 +53,9 @@ def test_engine_failure_aborts_only_that_step_and_recovers(engine, monkeypatch):
         raise RuntimeError("simulated kernel failure")
 
     monkeypatch.setattr(engine.executor, "execute", boom)
-    with pytest.raises(EngineStepError) as info:
-        engine.step()
-    assert info.value.request_ids == ["x"]
+    (out,) = engine.step()
+    assert out.request_id == "x" and out.finished and "simulated kernel failure" in out.error
+    assert out.outputs[0].finish_reason == "error"
     assert not engine.has_unfinished_requests()
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
     monkeypatch.setattr(engine.executor, "execute", real)

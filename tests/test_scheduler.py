@@ -157,11 +157,34 @@ def test_long_prompt_runs_alone_instead_of_starving():
 
 
 def test_preemption_requeues_newest_at_front_and_recomputes():
-    d = Driver("sarathi", budget=64, num_blocks=6, block_size=4)
-    a, b = make_req(0, 8, 10), make_req(1, 8, 10)
+    # Both prompts fit at admission (2 blocks each, beside the reserve); their decodes then outgrow the
+    # cache (2 x 6 blocks > 8), so the most recently admitted one is preempted and recomputed.
+    d = Driver("sarathi", budget=64, num_blocks=8, block_size=4)
+    a, b = make_req(0, 4, 20), make_req(1, 4, 20)
     d.run([a, b])
     assert d.sched.num_preemptions > 0
     assert b.num_preemptions > 0 and a.num_preemptions == 0  # the most recently admitted goes first
+    assert d.sched.num_recomputed_tokens >= 8  # at least b's prompt was computed twice
+    assert len(a.output_token_ids) == len(b.output_token_ids) == 20
+
+
+@pytest.mark.parametrize("policy", ["sarathi", "vllm", "orca"])
+def test_admission_waits_for_room_instead_of_thrashing(policy):
+    # Admitting b as soon as any block is free would let a's decodes preempt it over and over; the
+    # admission reserve makes b wait until a's growth leaves room for all of b's prompt.
+    d = Driver(policy, budget=64, num_blocks=6, block_size=4)
+    a, b = make_req(0, 8, 10), make_req(1, 8, 10)
+    d.run([a, b])
+    assert d.sched.num_preemptions == 0 and d.sched.num_recomputed_tokens == 0
+    assert len(a.output_token_ids) == len(b.output_token_ids) == 10
+
+
+def test_admission_never_starves_a_request_that_fits_an_empty_cache():
+    # Each request alone fills the cache: with nothing running the reserve does not apply.
+    d = Driver("sarathi", budget=16, num_blocks=5, block_size=4)
+    reqs = [make_req(i, 12, 8) for i in range(3)]
+    d.run(reqs)
+    assert all(len(r.output_token_ids) == 8 for r in reqs)
 
 
 def test_abort_frees_blocks_in_any_state():

@@ -21,8 +21,9 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: tuple[int, ...],
     """Sample one token per row of ``logits`` ([N, V] float32), row i for ``reqs[i]``.
 
     Random rows use the exponential-race trick (argmax of p / Exp(1) noise is a sample from p), so a
-    request with a ``seed`` draws its noise from its own generator and reproduces whatever else is in
-    the batch. Greedy rows take the plain argmax.
+    request with a ``seed`` draws its noise from a generator of its own, seeded afresh from
+    (seed, output position): it reproduces whatever else is in the batch, and a step that is retried
+    (to isolate a failing batch-mate) draws the same noise again. Greedy rows take the plain argmax.
     """
     n, vocab = logits.shape
     dev = logits.device
@@ -30,7 +31,7 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: tuple[int, ...],
     for i, r in enumerate(reqs):
         p = r.params
         if p.min_tokens and r.num_output_tokens < p.min_tokens:
-            banned = [*p.stop_token_ids, *(() if p.ignore_eos else eos_ids)]
+            banned = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else eos_ids)) if t < vocab]
             if banned:
                 logits[i, torch.tensor(banned, device=dev)] = float("-inf")
     greedy = torch.tensor([r.params.greedy for r in reqs], device=dev)
@@ -43,9 +44,8 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: tuple[int, ...],
         noise = torch.empty_like(probs).exponential_(generator=generator)
         for i, r in enumerate(reqs):
             if r.params.seed is not None and not r.params.greedy:
-                if r.generator is None:
-                    r.generator = torch.Generator(device=dev).manual_seed(r.params.seed)
-                noise[i].exponential_(generator=r.generator)
+                g = torch.Generator(device=dev).manual_seed(_step_seed(r.params.seed, r.num_output_tokens))
+                noise[i].exponential_(generator=g)
         sampled = (probs / noise).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, sampled)
     token_ids = chosen.tolist()
@@ -71,7 +71,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, reqs: list[Request]) -> torch.Tens
     dev = logits.device
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=dev)
+    ks = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=dev)
     ranks = torch.arange(vocab, device=dev)[None, :]
     remove = ranks >= ks[:, None]
     ps = torch.tensor(top_p, device=dev)
@@ -80,3 +80,9 @@ def _filter_top_k_top_p(logits: torch.Tensor, reqs: list[Request]) -> torch.Tens
     remove |= (probs.cumsum(-1) - probs) >= ps[:, None]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _step_seed(seed: int, position: int) -> int:
+    """A 64-bit seed for the noise of output token ``position`` of a request seeded with ``seed``
+    (a multiplicative hash, so nearby seeds and positions do not give overlapping streams)."""
+    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) % 2**64

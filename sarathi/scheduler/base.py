@@ -49,6 +49,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    num_recomputed_tokens: int = 0  # computed tokens whose KV the preemptions above threw away
 
     @property
     def num_tokens(self) -> int:
@@ -78,6 +79,7 @@ class Scheduler(ABC):
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_recomputed_tokens = 0  # computed tokens thrown away by preemptions, all steps
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -111,10 +113,27 @@ class Scheduler(ABC):
         """Pick this step's batch. Must not schedule a request twice or exceed the budget/KV."""
 
     # ---- helpers shared by policies ---------------------------------------------------------
+    def _can_admit(self, req: Request) -> bool:
+        """Admission control against preemption thrash: admit ``req`` only if its whole uncomputed
+        prompt plus its first generated token fit in the free blocks, keeping back a reserve of a 1%
+        watermark plus one block per running sequence (each running decode may need a new block
+        within the next ``block_size`` steps). With nothing running it only has to fit.
+
+        Without this, a new prompt takes whatever is free, the running decodes then run out of
+        blocks and preempt it, and its computed chunks are thrown away, again and again.
+        """
+        need = self.kv.blocks_needed(req, req.num_uncomputed + 1)
+        if not self.running:
+            return need <= self.kv.num_free_blocks
+        reserve = max(1, self.kv.num_blocks // 100) + len(self.running)
+        return need + reserve <= self.kv.num_free_blocks
+
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         """Recompute-preemption: free the blocks, forget the KV, requeue at the front."""
         self.running.remove(req)
         self.kv.free(req)
+        self.num_recomputed_tokens += req.num_computed_tokens
+        out.num_recomputed_tokens += req.num_computed_tokens
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING

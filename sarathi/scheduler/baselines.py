@@ -11,7 +11,8 @@ from sarathi.scheduler.base import Scheduler, SchedulerOutput
 
 class _WholePromptScheduler(Scheduler):
     def _admit_whole_prompts(self, out: SchedulerOutput, taken: set[int], budget: int) -> None:
-        """Admit waiting requests FIFO while whole prompts fit the budget, max_num_seqs and free KV.
+        """Admit waiting requests FIFO while whole prompts fit the budget, max_num_seqs and free KV
+        (beyond the admission reserve, see ``Scheduler._can_admit``).
 
         A prompt longer than the whole budget is admitted when the step is otherwise empty, so it
         runs alone instead of waiting forever.
@@ -21,7 +22,7 @@ class _WholePromptScheduler(Scheduler):
             n = req.num_uncomputed
             if n > budget and out.scheduled:
                 break
-            if not self.kv.can_allocate(req, n):
+            if not self._can_admit(req):
                 break
             self._admit(req, n, out, taken)
             budget -= n

@@ -8,7 +8,8 @@ from sarathi.scheduler.base import Scheduler, SchedulerOutput
 
 class SarathiScheduler(Scheduler):
     """Each step: (1) every running decode, (2) the next chunk of prompts already in progress,
-    (3) new prompts, until ``chunk_size`` tokens, ``max_num_seqs`` or free KV blocks run out.
+    (3) new prompts, until ``chunk_size`` tokens, ``max_num_seqs`` or free KV blocks run out (a new
+    prompt is admitted only when all of it fits beside a reserve for the running decodes).
 
     Decodes ride on the prompt chunk's weight reads, so they are nearly free. With ``tile_size`` the
     budget is rounded down to a tile multiple: a full step (decodes + chunk) then fills whole GEMM tiles
@@ -48,9 +49,9 @@ class SarathiScheduler(Scheduler):
         # (3) admit new requests in arrival order.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_uncomputed, budget, self.kv.max_new_tokens(req))
-            if n == 0:
-                break
+            if not self._can_admit(req):
+                break  # FIFO: later requests wait too, so a large prompt is not starved
+            n = min(req.num_uncomputed, budget)
             self._admit(req, n, out, taken)
             budget -= n
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +42,6 @@ def _free_port() -> int:
 class Server:
     url: str
     app: Any
-    thread: threading.Thread
 
     @property
     def aengine(self) -> Any:
@@ -74,32 +75,24 @@ def reference(llm):
     return {"concurrent": [o.outputs[0].text for o in outs], "chat": chat.outputs[0].text}
 
 
-@pytest.fixture(scope="module")
-def server(llm, reference):
-    """uvicorn on a free 127.0.0.1 port, in a background thread, around the session's engine (only once
-    ``reference`` has used the engine: the server's engine thread then owns it until teardown)."""
-    import uvicorn
-
+@contextlib.contextmanager
+def running_server(engine: Any, **build_kw: Any) -> Iterator[Server]:
+    """uvicorn on a free 127.0.0.1 port, in a background thread, around ``engine`` (whose thread then
+    owns the engine until the server stops); checks that nothing is left running afterwards."""
+    from sarathi.bench.soak import serve_in_thread
     from sarathi.server import build_app
 
-    engine = llm.engine
-    app = build_app(engine, api_key=API_KEY)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield Server(f"http://127.0.0.1:{port}", app, thread)
-    srv.should_exit = True
-    thread.join(60)
-    sock.close()
-    assert not thread.is_alive()
+    app = build_app(engine, **{"api_key": API_KEY, **build_kw})
+    with serve_in_thread(app) as url:
+        yield Server(url, app)
     assert not engine.groups and engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+@pytest.fixture(scope="module")
+def server(llm, reference):
+    """The session's engine behind a real server (started only once ``reference`` has used it)."""
+    with running_server(llm.engine) as srv:
+        yield srv
 
 
 def gate_executor(monkeypatch: Any, engine: Any) -> tuple[threading.Event, threading.Event]:

@@ -1,4 +1,4 @@
-"""The ``sarathi bench`` command group: throughput, profile, serve, compare, workload.
+"""The ``sarathi bench`` command group: throughput, profile, serve, soak, compare, workload.
 
 Only argparse is imported at module level, so ``sarathi --help`` stays fast; each command imports
 torch and the engine when it runs.
@@ -138,7 +138,7 @@ def _workload(ns: argparse.Namespace) -> int:
 
 def add_bench_parser(sub: Any, handlers: dict[str, Handler]) -> None:
     """Register ``sarathi bench <command>`` on the top-level subparsers."""
-    bench = sub.add_parser("bench", help="benchmarks: throughput, profile, serve, compare, workload")
+    bench = sub.add_parser("bench", help="benchmarks: throughput, profile, serve, soak, compare, workload")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     commands: dict[str, Handler] = {}
 
@@ -183,6 +183,12 @@ def add_bench_parser(sub: Any, handlers: dict[str, Handler]) -> None:
     s = bsub.add_parser("serve", help="online latency benchmark of a running OpenAI-compatible server")
     add_arguments(s)
     commands["serve"] = _serve
+
+    from sarathi.bench import soak
+
+    k = bsub.add_parser("soak", help="many random requests under KV pressure: nothing lost or leaked")
+    soak.add_arguments(k)
+    commands["soak"] = soak.run
 
     c = bsub.add_parser("compare", help="merge sarathi / peer / serve result JSONs into one table")
     c.add_argument("files", nargs="+")

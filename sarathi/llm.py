@@ -16,28 +16,10 @@ from sarathi.sampling_params import SamplingParams
 class LLM:
     """Loads a model once and runs batches of prompts to completion with the chosen scheduler."""
 
-    def __init__(
-        self,
-        model: str | None = None,
-        dtype: str = "auto",
-        scheduler: str = "sarathi",
-        chunk_size: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        tile_size: int | None = None,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory: int | str | None = None,
-        max_model_len: int | None = None,
-        seed: int = 0,
-        device: str = "auto",
-    ) -> None:
-        self.engine = LLMEngine(EngineArgs(
-            model=model, dtype=dtype, scheduler=scheduler, chunk_size=chunk_size,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            tile_size=tile_size, block_size=block_size, num_kv_blocks=num_kv_blocks,
-            kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, seed=seed, device=device,
-        ))
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        """``kwargs`` are ``EngineArgs`` fields (``dtype``, ``scheduler``, ``chunk_size``, ...); an unknown
+        one raises InvalidArgument naming it."""
+        self.engine = LLMEngine(EngineArgs.from_kwargs(model=model, **kwargs))
         self._counter = 0
 
     @classmethod

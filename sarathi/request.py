@@ -1,4 +1,4 @@
-"""A request is a list of token ids and a counter of how many of them are in the KV cache.
+"""A request is a list of token ids and a counter of how many of them are (or are being) put in the KV cache.
 
 There is no prefill phase or decode phase: each step the scheduler lets ``num_computed_tokens`` catch up
 by some amount (a prompt chunk, or 1 for a decode). When it reaches ``num_tokens`` the model samples a
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 from sarathi.sampling_params import SamplingParams
 
@@ -30,10 +29,13 @@ class RequestStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Request:
-    """One sequence to generate (a request with ``n > 1`` becomes n of these).
+    """One sequence to generate (a request with ``n > 1`` becomes n of these): scheduling state only.
 
-    Invariants: ``0 <= num_computed_tokens <= num_tokens``; ``block_ids`` hold exactly the KV slots of
-    the first ``num_computed_tokens`` (+ the tokens scheduled this step); a finished request owns none.
+    The scheduler is its only writer. Invariants: ``0 <= num_computed_tokens <= num_tokens``, where the
+    count includes tokens scheduled in plans still in flight (the counter advances when a plan is made);
+    ``block_ids`` hold the KV slots of the first ``num_computed_tokens`` tokens; a request waiting for a
+    sampled token has ``num_uncomputed == 0`` and is not scheduled again until the token is appended; a
+    finished request owns no blocks once no plan holding it is in flight (``num_in_flight == 0``).
     """
 
     request_id: str
@@ -47,12 +49,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
-    # Engine-side state, opaque to the scheduler.
-    detok: Any = None
-    text: str = ""
+    num_in_flight: int = 0  # plans holding this request that have not come back yet
     stop_reason: int | str | None = None
-    logprobs: list[dict] | None = None
-    cumulative_logprob: float = 0.0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

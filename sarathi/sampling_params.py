@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from sarathi.errors import InvalidArgument
+
 _GREEDY_EPS = 1e-5
 # Range limits, so that a value accepted here can never break the shared sampler mid-batch.
 MAX_TEMPERATURE = 100.0  # far past "uniform" already; keeps logits / temperature finite in fp32
@@ -40,50 +42,44 @@ class SamplingParams:
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> InvalidArgument:
+            return InvalidArgument(name, f"{name} must be {rule}, got {getattr(self, name)!r}")
+
         if not _is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+            raise bad("n", "an integer >= 1")
         if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got "
-                             f"{self.temperature!r}")
+            raise bad("temperature", f"a number in [0, {MAX_TEMPERATURE:g}]")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise bad("top_p", "in (0, 1]")
         if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
-            raise ValueError(f"top_k must be -1 (disabled), 0 (disabled) or an integer in [1, {MAX_TOP_K}]"
-                             f", got {self.top_k!r}")
+            raise bad("top_k", f"-1 (disabled), 0 (disabled) or an integer in [1, {MAX_TOP_K}]")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise bad("max_tokens", "an integer >= 1")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+            raise bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
-            )
-        if self.logprobs is not None and (not _is_int(self.logprobs)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+            raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})")
+        lp = self.logprobs
+        if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
+            raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}]")
         if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
-        if self.stop is None:
-            self._stop = []
-        elif isinstance(self.stop, str):
-            self._stop = [self.stop]
-        elif isinstance(self.stop, (list, tuple)):
-            self._stop = list(self.stop)
-        else:
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        if any(not isinstance(s, str) or not s for s in self._stop):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        if len(self._stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self._stop)}")
+            raise bad("seed", "an integer in [-2**63, 2**64 - 1]")
+        stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
+            raise bad("stop", "a non-empty string or a list of non-empty strings")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidArgument("stop", f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        self._stop = list(stop)
         ids = self.stop_token_ids if self.stop_token_ids is not None else []
         if not isinstance(ids, (list, tuple)) or any(not _is_int(t) or t < 0 for t in ids):
-            raise ValueError("stop_token_ids must be a list of non-negative integers")
+            raise bad("stop_token_ids", "a list of non-negative integers")
         if len(ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+            raise InvalidArgument("stop_token_ids", f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, "
+                                  f"got {len(ids)}")
         self.stop_token_ids = list(dict.fromkeys(ids))
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+                raise bad(name, "a boolean")
 
     @property
     def greedy(self) -> bool:

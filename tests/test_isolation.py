@@ -29,25 +29,22 @@ def test_failing_request_does_not_fail_its_batch_mates(engine, monkeypatch, wher
     failed_before = sum(r.num_failed for r in engine.stats.steps)
     culprit_seed = 4242
 
-    def poisoned(reqs) -> bool:
-        return any(getattr(r, "params", None) is not None and r.params.seed == culprit_seed for r in reqs)
-
     if where == "sampler":
         real_sample = sampler_mod.sample
 
-        def bad_sample(logits, reqs, *a, **kw):
-            if poisoned(reqs):
+        def bad_sample(logits, specs, *a, **kw):
+            if any(sp.seed == culprit_seed for sp in specs):
                 raise IndexError("injected sampler failure")
-            return real_sample(logits, reqs, *a, **kw)
+            return real_sample(logits, specs, *a, **kw)
 
         monkeypatch.setattr("sarathi.executor.local.sample", bad_sample)
     else:
         real_exec = engine.executor.execute
 
-        def bad_execute(batch):
-            if poisoned([s.request for s in batch.scheduled]):
+        def bad_execute(plan):
+            if any(sp.req_id.startswith("bad") for sp in plan.seqs):
                 raise RuntimeError("injected model failure")
-            return real_exec(batch)
+            return real_exec(plan)
 
         monkeypatch.setattr(engine.executor, "execute", bad_execute)
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -9,7 +9,15 @@ import pytest
 from sarathi.kv_cache import BlockManager
 from sarathi.request import Request, RequestStatus
 from sarathi.sampling_params import SamplingParams
-from sarathi.scheduler import SchedulerConfig, SchedulerOutput, make_scheduler
+from sarathi.scheduler import (
+    ModelOutput,
+    SampledToken,
+    ScheduledRequest,
+    SchedulerConfig,
+    SchedulerOutput,
+    StepPlan,
+    make_scheduler,
+)
 
 
 def make_req(i: int, prompt_len: int, max_tokens: int) -> Request:
@@ -18,53 +26,83 @@ def make_req(i: int, prompt_len: int, max_tokens: int) -> Request:
 
 
 class Driver:
-    """Mirrors the engine's update rule: advance counters, append a token when a chunk reaches the end."""
+    """Drives a scheduler through its public API like the engine does: ``schedule()`` a plan, then
+    ``update_from_output`` with a made-up token (7) for every sequence that has one due. With
+    ``depth > 1`` that many plans are in flight before the oldest comes back (pipeline stages)."""
 
     def __init__(self, policy: str, budget: int, num_blocks: int, block_size: int = 4,
-                 max_num_seqs: int = 8, tile: int | None = None) -> None:
+                 max_num_seqs: int = 8, tile: int | None = None, depth: int = 1) -> None:
         self.kv = BlockManager(num_blocks, block_size)
         self.sched = make_scheduler(SchedulerConfig(policy, max_num_seqs, budget, tile), self.kv)
         self.finished: list[Request] = []
+        self.depth = depth
+        self.in_flight: list[tuple[StepPlan, SchedulerOutput]] = []
 
     def check_ownership(self) -> None:
-        owned = [b for r in self.sched.running for b in r.block_ids]
+        live = [*self.sched.running, *(r for r in self.sched.requests.values() if r.finished)]
+        owned = [b for r in live for b in r.block_ids]
         assert len(owned) == len(set(owned)), "a block is owned twice"
         assert len(owned) + self.kv.num_free_blocks == self.kv.num_blocks, "blocks leaked"
         for r in self.sched.waiting:
             assert not r.block_ids
 
-    def step(self) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput | None:
+        """One plan, checked, as the policy's view (ScheduledRequest entries); None if empty."""
         before = {id(r): r.is_decode for r in self.sched.running}
-        out = self.sched.schedule()
-        ids = [id(s.request) for s in out.scheduled]
+        plan = self.sched.schedule()
+        if plan.is_empty:
+            return None
+        ids = [s.req_id for s in plan.seqs]
         assert len(ids) == len(set(ids)), "a request was scheduled twice in one step"
-        for s in out.scheduled:
-            r = s.request
-            assert s.num_new_tokens >= 1
-            assert r.num_computed_tokens + s.num_new_tokens <= r.num_tokens
-            assert len(r.block_ids) * self.kv.block_size >= r.num_computed_tokens + s.num_new_tokens
+        waiting_for_token = {s.req_id for p, _ in self.in_flight for s in p.seqs if s.sample is not None}
+        assert not waiting_for_token & set(ids), "a request waiting for its token was scheduled again"
+        view = SchedulerOutput(preempted=[r for r in self.sched.requests.values()
+                                          if r.request_id in plan.preempted])
+        for s in plan.seqs:
+            r = self.sched.requests[s.req_id]
+            assert s.num_tokens >= 1 and s.start + s.num_tokens <= r.num_tokens
+            assert s.token_ids == r.token_ids[s.start:s.start + s.num_tokens]
+            assert len(s.block_table) * self.kv.block_size >= s.start + s.num_tokens
+            assert (s.sample is not None) == (s.start + s.num_tokens == r.num_tokens)
             assert r.status == RequestStatus.RUNNING
+            view.scheduled.append(ScheduledRequest(r, s.num_tokens, s.is_decode))
         self.check_ownership()
-        for s in out.scheduled:
-            r = s.request
-            r.num_computed_tokens += s.num_new_tokens
-            if r.num_computed_tokens == r.num_tokens:
-                r.token_ids.append(7)
-                if r.num_output_tokens >= r.max_tokens:
-                    self.sched.finish_request(r, RequestStatus.FINISHED_LENGTH)
-                    self.finished.append(r)
-        out.decodes_before = before  # type: ignore[attr-defined]
-        return out
+        view.decodes_before = before  # type: ignore[attr-defined]
+        self.in_flight.append((plan, view))
+        return view
+
+    def collect(self) -> None:
+        plan, _ = self.in_flight.pop(0)
+        out = ModelOutput(plan.step_id, {s.req_id: SampledToken(7) for s in plan.seqs if s.sample})
+        for u in self.sched.update_from_output(plan, out):
+            if u.request.finished and u.request not in self.finished:
+                self.finished.append(u.request)
+        self.check_ownership()
+
+    def step(self) -> SchedulerOutput:
+        """Schedule one plan and collect it at once (depth 1)."""
+        view = self.schedule()
+        assert view is not None, "nothing was scheduled while requests were unfinished"
+        self.collect()
+        return view
 
     def run(self, reqs: list[Request], max_steps: int = 10_000) -> list[SchedulerOutput]:
         for r in reqs:
             self.sched.add_request(r)
-        outs = []
-        while self.sched.has_unfinished():
-            outs.append(self.step())
+        outs: list[SchedulerOutput] = []
+        while self.sched.has_unfinished() or self.in_flight:
+            while len(self.in_flight) < self.depth:
+                view = self.schedule()
+                if view is None:
+                    break
+                outs.append(view)
+            assert self.in_flight, "nothing was scheduled while requests were unfinished"
+            self.collect()
             assert len(outs) < max_steps, "requests starved"
         assert len(self.finished) == len(reqs)
+        assert all(len(r.output_token_ids) == r.max_tokens for r in reqs)
         assert self.kv.num_free_blocks == self.kv.num_blocks
+        assert not self.sched.requests
         return outs
 
 
@@ -193,14 +231,53 @@ def test_abort_frees_blocks_in_any_state():
     reqs = [make_req(i, 15, 5) for i in range(4)]
     for r in reqs:
         sched.add_request(r)
-    out = sched.schedule()
-    for s in out.scheduled:
-        s.request.num_computed_tokens += s.num_new_tokens
-    for r in reqs:  # some running with partial prompts, some still waiting
+    plan = sched.schedule()  # in flight: some running with partial prompts, some still waiting
+    in_flight = [sched.requests[s.req_id] for s in plan.seqs]
+    assert in_flight and len(in_flight) < len(reqs)
+    for r in reqs:
         sched.finish_request(r, RequestStatus.FINISHED_ABORTED)
         sched.finish_request(r, RequestStatus.FINISHED_ABORTED)  # idempotent, no double free
-    assert kv.num_free_blocks == kv.num_blocks
     assert not sched.has_unfinished()
+    # The in-flight plan may still be writing their K/V: their blocks come back with its output.
+    assert kv.num_free_blocks == kv.num_blocks - sum(len(r.block_ids) for r in in_flight) < kv.num_blocks
+    assert sched.update_from_output(plan, ModelOutput(plan.step_id)) == []
+    assert kv.num_free_blocks == kv.num_blocks and not sched.requests
+
+
+@pytest.mark.parametrize("policy", ["sarathi", "vllm", "orca", "request_level"])
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("num_blocks", [16, 200])
+def test_several_plans_in_flight(policy, depth, seed, num_blocks):
+    """With 2-3 plans in flight (outputs come back late), no request waiting for its token is scheduled
+    again, no block is owned twice (the Driver checks both every step), and everything finishes."""
+    d = Driver(policy, budget=24 if policy == "sarathi" else 64, num_blocks=num_blocks, depth=depth)
+    d.run(random_workload(seed))
+
+
+def test_next_prompt_chunk_is_scheduled_behind_one_in_flight():
+    d = Driver("sarathi", budget=8, num_blocks=100, depth=2)
+    r = make_req(0, 20, 2)
+    d.sched.add_request(r)
+    first, second = d.schedule(), d.schedule()
+    assert first is not None and second is not None
+    assert [s.num_new_tokens for s in first.scheduled] == [8] == [s.num_new_tokens for s in second.scheduled]
+    assert r.num_computed_tokens == 16 and r.num_in_flight == 2
+    d.collect()
+    d.collect()
+    while d.sched.has_unfinished():
+        d.step()
+    assert r.output_token_ids == [7, 7] and d.kv.num_free_blocks == d.kv.num_blocks
+
+
+def test_preemption_never_picks_a_request_in_flight():
+    # a's chunk is in flight when b's decodes need blocks: b cannot evict it, so b waits instead.
+    d = Driver("sarathi", budget=64, num_blocks=8, block_size=4, depth=2)
+    a, b = make_req(0, 4, 20), make_req(1, 4, 20)
+    d.run([a, b])
+    for plan, _ in d.in_flight:
+        raise AssertionError(f"plan {plan.step_id} left in flight")
+    assert d.sched.num_preemptions >= 1
 
 
 def test_double_free_is_detected():

@@ -134,10 +134,10 @@ def test_engine_failure_gives_500_and_server_keeps_serving(server, llm, monkeypa
     engine = llm.engine
     real = engine.executor.execute
 
-    def flaky(batch: Any) -> Any:
-        if any(s.request.params.seed == 666 for s in batch.scheduled):
+    def flaky(plan: Any) -> Any:
+        if any(s.sample is not None and s.sample.seed == 666 for s in plan.seqs):
             raise RuntimeError("injected model failure")
-        return real(batch)
+        return real(plan)
 
     monkeypatch.setattr(engine.executor, "execute", flaky)
     with caplog.at_level("ERROR", logger="sarathi"):

@@ -2,7 +2,7 @@
 
 A batch is a list of prompt chunks ``(num_tokens, past_tokens)`` plus a list of decode contexts (each
 decode computes one token that attends to ``context`` cached tokens, itself included). The probe builds
-real :class:`~sarathi.request.Request` objects with KV blocks from the engine's own block manager and
+real `StepPlan`s over KV blocks from the engine's own block manager and
 calls ``engine.executor.execute`` (flatten + forward + sampling), so the scheduler and detokenizer are
 *not* timed. KV contents are whatever the cache holds (zeros): timing does not depend on the values.
 
@@ -94,21 +94,21 @@ class BatchProbe:
         return req
 
     def build(self, spec: BatchSpec) -> tuple[Any, list[Any]]:
-        """The ``SchedulerOutput`` for ``spec`` plus its requests (call :meth:`release` afterwards)."""
-        from sarathi.scheduler import ScheduledRequest, SchedulerOutput
+        """The ``StepPlan`` for ``spec`` plus its requests (call :meth:`release` afterwards)."""
+        from sarathi.scheduler import SamplingSpec, SeqPlan, StepPlan
 
         if spec.kv_tokens() > self.max_kv_tokens:
             raise ValueError(f"batch needs {spec.kv_tokens()} KV tokens, probe holds {self.max_kv_tokens}")
-        out, reqs = SchedulerOutput(), []
-        for i, ctx in enumerate(spec.decodes):
-            req = self._request(f"probe-d{i}", ctx, ctx - 1)
-            out.scheduled.append(ScheduledRequest(req, 1, True))
+        plan, reqs = StepPlan(0), []
+        greedy = SamplingSpec()  # every entry ends at its last token, so each samples one (greedily)
+        entries = [(f"probe-d{i}", ctx, ctx - 1) for i, ctx in enumerate(spec.decodes)]
+        entries += [(f"probe-p{i}", past + n, past) for i, (n, past) in enumerate(spec.chunks)]
+        for rid, length, computed in entries:
+            req = self._request(rid, length, computed)
+            plan.seqs.append(SeqPlan(rid, req.token_ids[computed:], computed, list(req.block_ids), greedy,
+                                     is_decode=length - computed == 1))
             reqs.append(req)
-        for i, (n, past) in enumerate(spec.chunks):
-            req = self._request(f"probe-p{i}", past + n, past)
-            out.scheduled.append(ScheduledRequest(req, n, False))
-            reqs.append(req)
-        return out, reqs
+        return plan, reqs
 
     def release(self, reqs: Sequence[Any]) -> None:
         for r in reqs:

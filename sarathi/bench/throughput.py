@@ -118,14 +118,13 @@ def record_batches(engine: Any) -> Iterator[list[dict[str, list]]]:
     original = sched.schedule
 
     def schedule() -> Any:
-        out = original()
-        if not out.is_empty:
+        plan = original()
+        if not plan.is_empty:
             log.append({
-                "chunks": [(e.num_new_tokens, e.request.num_computed_tokens)
-                           for e in out.scheduled if not e.is_decode],
-                "decodes": [e.request.num_computed_tokens + 1 for e in out.scheduled if e.is_decode],
+                "chunks": [(s.num_tokens, s.start) for s in plan.seqs if not s.is_decode],
+                "decodes": [s.start + 1 for s in plan.seqs if s.is_decode],
             })
-        return out
+        return plan
 
     sched.schedule = schedule
     try:

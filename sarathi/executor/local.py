@@ -1,106 +1,117 @@
-"""Runs the model in this process (CPU or CUDA): batch -> flattened tensors -> forward -> sample."""
+"""Runs the model in this process (CPU or CUDA): plan -> flattened tensors -> forward -> sample."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from typing import TYPE_CHECKING
 
 import torch
 
+from sarathi.executor.base import Executor
 from sarathi.model.attention import AttentionMetadata, PrefillChunk
-from sarathi.model.config import ModelConfig
-from sarathi.model.llama import LlamaForCausalLM
 from sarathi.model.sampler import sample
-from sarathi.request import Request
-from sarathi.scheduler import ScheduledRequest, SchedulerOutput
+from sarathi.scheduler.plan import ModelOutput, SampledToken, SeqPlan, StepPlan
+
+if TYPE_CHECKING:
+    from sarathi.config import EngineArgs
+    from sarathi.model.config import ModelConfig
 
 
-@dataclass
-class SampledToken:
-    request: Request
-    token_id: int
-    logprobs: tuple[float, int, list[int], list[float]] | None
-
-
-class LocalExecutor:
+class LocalExecutor(Executor):
     """Holds the model and the paged KV tensors ([num_blocks, block_size, kv_heads, head_dim] per
-    layer for K and for V). ``execute`` reads each request's ``num_computed_tokens`` as the start of
-    its new tokens; the engine advances the counters afterwards."""
+    layer for K and for V)."""
 
-    def __init__(self, model: LlamaForCausalLM, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, eos_ids: tuple[int, ...], seed: int) -> None:
-        self.model = model
-        self.block_size = block_size
-        self.device = device
-        self.eos_ids = eos_ids
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_hidden_layers)
-        ]
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+    name = "local"
 
-    @staticmethod
-    def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.tensor([], dtype=dtype).element_size()
+    def __init__(self, args: EngineArgs, model_config: ModelConfig) -> None:
+        from sarathi.model.loader import load_model, resolve_model
+
+        super().__init__(args, model_config)
+        self.device = args.torch_device()
+        self.dtype = args.torch_dtype(model_config.torch_dtype)
+        self.model = load_model(resolve_model(args.model), model_config, self.dtype, self.device,
+                                args.resolved_max_model_len(model_config))
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = args.block_size
+        self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        cfg = self.model_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        cfg = self.model_config
+        self.kv_caches = []  # drop the old tensors before allocating new ones
+        self.block_size = block_size
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+    def reseed(self, seed: int) -> None:
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> list[SampledToken]:
+    def execute(self, plan: StepPlan) -> ModelOutput:
+        t0 = time.perf_counter()
         # Single-query entries first (batched decode attention), then multi-token prompt chunks.
-        entries = sorted(batch.scheduled, key=lambda s: s.num_new_tokens > 1)
-        input_ids, positions, slots, sample_rows, sample_reqs = self._flatten(entries)
-        meta = self._metadata(entries, slots)
+        seqs = sorted(plan.seqs, key=lambda s: s.num_tokens > 1)
+        input_ids, positions, slots, sample_rows, samplers = self._flatten(seqs)
+        meta = self._metadata(seqs, slots)
         dev = self.device
         logits = self.model(
             _long(input_ids, dev), _long(positions, dev), meta, self.kv_caches, _long(sample_rows, dev),
         )
-        if not sample_reqs:
-            return []
-        out = sample(logits, sample_reqs, self.eos_ids, self.generator)
-        return [SampledToken(r, t, lp) for r, t, lp in zip(sample_reqs, out.token_ids, out.logprobs)]
+        out = ModelOutput(plan.step_id)
+        if samplers:
+            res = sample(logits, [s.sample for s in samplers], self.generator)  # type: ignore[misc]
+            out.sampled = {s.req_id: SampledToken(t, lp)
+                           for s, t, lp in zip(samplers, res.token_ids, res.logprobs)}
+        out.execute_time = time.perf_counter() - t0
+        return out
 
-    def _flatten(self, entries: list[ScheduledRequest]) -> tuple[list[int], list[int], list[int],
-                                                                  list[int], list[Request]]:
+    def _flatten(self, seqs: list[SeqPlan]) -> tuple[list[int], list[int], list[int], list[int],
+                                                       list[SeqPlan]]:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
-        for e in entries:
-            req, start = e.request, e.request.num_computed_tokens
-            end = start + e.num_new_tokens
-            input_ids.extend(req.token_ids[start:end])
+        samplers: list[SeqPlan] = []
+        for s in seqs:
+            start, end, table = s.start, s.start + s.num_tokens, s.block_table
+            input_ids.extend(s.token_ids)
             positions.extend(range(start, end))
-            table = req.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if end == req.num_tokens:  # the chunk reaches the last known token: sample the next one
+            if s.sample is not None:  # the chunk reaches the last known token: sample the next one
                 sample_rows.append(len(input_ids) - 1)
-                sample_reqs.append(req)
-        return input_ids, positions, slots, sample_rows, sample_reqs
+                samplers.append(s)
+        return input_ids, positions, slots, sample_rows, samplers
 
-    def _metadata(self, entries: list[ScheduledRequest], slots: list[int]) -> AttentionMetadata:
+    def _metadata(self, seqs: list[SeqPlan], slots: list[int]) -> AttentionMetadata:
         bs, dev = self.block_size, self.device
-        decodes = [e for e in entries if e.num_new_tokens == 1]
+        decodes = [s for s in seqs if s.num_tokens == 1]
         tables = seq_lens = None
         max_len = 0
         if decodes:
-            lens = [e.request.num_computed_tokens + 1 for e in decodes]
+            lens = [s.start + 1 for s in decodes]
             max_len = max(lens)
             width = -(-max_len // bs)
-            tables = _long([e.request.block_ids[:width]
-                            + [0] * (width - len(e.request.block_ids[:width])) for e in decodes], dev)
+            tables = _long([s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
+                            for s in decodes], dev)
             seq_lens = _long(lens, dev)
         prefills = []
         q_start = len(decodes)
-        for e in entries[len(decodes):]:
-            kv_len = e.request.num_computed_tokens + e.num_new_tokens
-            table = _long(e.request.block_ids[: -(-kv_len // bs)], dev)
-            start = _contiguous_start(e.request.block_ids, kv_len, bs)
-            prefills.append(PrefillChunk(q_start, e.num_new_tokens, kv_len, table, start_slot=start))
-            q_start += e.num_new_tokens
-        return AttentionMetadata(_long(slots, dev), len(decodes), tables, seq_lens,
-                                 max_len, prefills)
+        for s in seqs[len(decodes):]:
+            kv_len = s.start + s.num_tokens
+            table = _long(s.block_table[: -(-kv_len // bs)], dev)
+            start = _contiguous_start(s.block_table, kv_len, bs)
+            prefills.append(PrefillChunk(q_start, s.num_tokens, kv_len, table, start_slot=start))
+            q_start += s.num_tokens
+        return AttentionMetadata(_long(slots, dev), len(decodes), tables, seq_lens, max_len, prefills)
 
 
 def _long(values: list, device: torch.device) -> torch.Tensor:

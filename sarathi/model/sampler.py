@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sarathi.request import Request
+from sarathi.scheduler.plan import SamplingSpec
 
 
 @dataclass
@@ -16,9 +16,8 @@ class SamplerOutput:
     logprobs: list[tuple[float, int, list[int], list[float]] | None]
 
 
-def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: tuple[int, ...],
-           generator: torch.Generator) -> SamplerOutput:
-    """Sample one token per row of ``logits`` ([N, V] float32), row i for ``reqs[i]``.
+def sample(logits: torch.Tensor, specs: list[SamplingSpec], generator: torch.Generator) -> SamplerOutput:
+    """Sample one token per row of ``logits`` ([N, V] float32), row i as ``specs[i]`` says.
 
     Random rows use the exponential-race trick (argmax of p / Exp(1) noise is a sample from p), so a
     request with a ``seed`` draws its noise from a generator of its own, seeded afresh from
@@ -28,44 +27,41 @@ def sample(logits: torch.Tensor, reqs: list[Request], eos_ids: tuple[int, ...],
     n, vocab = logits.shape
     dev = logits.device
     # min_tokens: forbid EOS and stop tokens until enough tokens were generated.
-    for i, r in enumerate(reqs):
-        p = r.params
-        if p.min_tokens and r.num_output_tokens < p.min_tokens:
-            banned = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else eos_ids)) if t < vocab]
-            if banned:
-                logits[i, torch.tensor(banned, device=dev)] = float("-inf")
-    greedy = torch.tensor([r.params.greedy for r in reqs], device=dev)
+    for i, sp in enumerate(specs):
+        banned = [t for t in sp.banned if t < vocab]
+        if banned:
+            logits[i, torch.tensor(banned, device=dev)] = float("-inf")
+    greedy = torch.tensor([sp.greedy for sp in specs], device=dev)
     chosen = logits.argmax(dim=-1)
     if not bool(greedy.all()):
-        temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in reqs],
-                             device=dev)
-        scaled = _filter_top_k_top_p(logits / temps[:, None], reqs)
+        temps = torch.tensor([1.0 if sp.greedy else sp.temperature for sp in specs], device=dev)
+        scaled = _filter_top_k_top_p(logits / temps[:, None], specs)
         probs = torch.softmax(scaled, dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=generator)
-        for i, r in enumerate(reqs):
-            if r.params.seed is not None and not r.params.greedy:
-                g = torch.Generator(device=dev).manual_seed(_step_seed(r.params.seed, r.num_output_tokens))
+        for i, sp in enumerate(specs):
+            if sp.seed is not None and not sp.greedy:
+                g = torch.Generator(device=dev).manual_seed(_step_seed(sp.seed, sp.position))
                 noise[i].exponential_(generator=g)
         sampled = (probs / noise).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, sampled)
     token_ids = chosen.tolist()
     lps: list[tuple[float, int, list[int], list[float]] | None] = [None] * n
-    want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    want = [i for i, sp in enumerate(specs) if sp.logprobs is not None]
     if want:
         rows = torch.log_softmax(logits[want], dim=-1)
-        k = max(reqs[i].params.logprobs or 0 for i in want)
-        top_v, top_i = rows.topk(max(k, 1), dim=-1)
+        k = max(specs[i].logprobs or 0 for i in want)
+        top_v, top_i = rows.topk(min(max(k, 1), vocab), dim=-1)
         picked = rows[torch.arange(len(want), device=dev), chosen[want]]
         ranks = (rows > picked[:, None]).sum(-1) + 1
         for j, i in enumerate(want):
-            kk = reqs[i].params.logprobs or 0
+            kk = specs[i].logprobs or 0
             lps[i] = (float(picked[j]), int(ranks[j]), top_i[j, :kk].tolist(), top_v[j, :kk].tolist())
     return SamplerOutput(token_ids, lps)
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    top_k = [r.params.top_k if r.params.top_k > 0 else 0 for r in reqs]
-    top_p = [r.params.top_p for r in reqs]
+def _filter_top_k_top_p(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+    top_k = [sp.top_k if sp.top_k > 0 else 0 for sp in specs]
+    top_p = [sp.top_p for sp in specs]
     if not any(top_k) and all(p >= 1.0 for p in top_p):
         return logits
     dev = logits.device

@@ -8,8 +8,10 @@ from sarathi.scheduler.base import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
+    SeqUpdate,
 )
 from sarathi.scheduler.baselines import OrcaScheduler, RequestLevelScheduler, VllmScheduler
+from sarathi.scheduler.plan import ModelOutput, SampledToken, SamplingSpec, SeqPlan, StepPlan
 from sarathi.scheduler.sarathi import SarathiScheduler
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -28,6 +30,6 @@ def make_scheduler(config: SchedulerConfig, kv: BlockManager) -> Scheduler:
 
 
 __all__ = [
-    "SCHEDULERS", "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput",
-    "make_scheduler",
+    "SCHEDULERS", "ModelOutput", "SampledToken", "SamplingSpec", "ScheduledRequest", "Scheduler",
+    "SchedulerConfig", "SchedulerOutput", "SeqPlan", "SeqUpdate", "StepPlan", "make_scheduler",
 ]

@@ -1,4 +1,12 @@
-"""The scheduler interface: policies decide, each step, how many tokens every request computes.
+"""The scheduler: owns every request's lifecycle; policies only decide who computes how much each step.
+
+``schedule()`` picks a batch (the policy), advances ``num_computed_tokens`` for what it picked and
+returns a plain-data ``StepPlan``; ``update_from_output(plan, output)`` appends the sampled tokens,
+applies the stop conditions that need no text (EOS, stop token ids, max_tokens, context length) and
+finishes and frees. Several plans may be in flight at once (pipeline stages): a request waiting for a
+sampled token has nothing left to compute, so no policy schedules it until its token is back, while
+the next chunk of a prompt may be scheduled behind the previous one (stages run plans in order, so
+its KV is written before it is read).
 
 Pure Python, no torch and no clock, so the same policies drive the real engine and a simulator.
 """
@@ -11,6 +19,7 @@ from dataclasses import dataclass, field
 
 from sarathi.kv_cache import BlockManager
 from sarathi.request import Request, RequestStatus
+from sarathi.scheduler.plan import ModelOutput, SamplingSpec, SeqPlan, StepPlan
 
 
 @dataclass
@@ -19,18 +28,20 @@ class SchedulerConfig:
 
     ``token_budget`` is the most tokens one step may compute: the chunk size for ``sarathi``,
     ``max_num_batched_tokens`` for the others (which never split a prompt, so a single prompt longer
-    than the budget runs alone rather than starving).
+    than the budget runs alone rather than starving). ``None`` takes the policy's default.
     """
 
     policy: str = "sarathi"
     max_num_seqs: int = 256
-    token_budget: int = 512
+    token_budget: int | None = None
     tile_size: int | None = None
+    max_model_len: int = 8192
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.token_budget < 1:
+        if self.token_budget is not None and self.token_budget < 1:
             raise ValueError(f"chunk_size / max_num_batched_tokens must be >= 1, got {self.token_budget}")
         if self.tile_size is not None and self.tile_size < 1:
             raise ValueError(f"tile_size must be >= 1, got {self.tile_size}")
@@ -45,11 +56,11 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
-    """One step's batch, in execution order (decodes first), plus what was preempted to make room."""
+    """A policy's pick for one step, in execution order (decodes first), plus what it preempted."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    num_recomputed_tokens: int = 0  # computed tokens whose KV the preemptions above threw away
+    num_recomputed_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -68,34 +79,70 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass
+class SeqUpdate:
+    """What happened to one sequence when a plan's output came back (for output processing)."""
+
+    request: Request
+    token_id: int | None  # None when the step ran a chunk with no token due, or the request failed
+    logprobs: tuple[float, int, list[int], list[float]] | None = None
+    error: str | None = None
+
+
 class Scheduler(ABC):
-    """Owns the waiting queue (FIFO) and the running list (in admission order)."""
+    """Owns the waiting queue (FIFO), the running list (in admission order) and the block manager."""
 
     name = "base"
 
     def __init__(self, config: SchedulerConfig, kv: BlockManager) -> None:
         self.config = config
+        if config.token_budget is None:
+            config.token_budget = self.default_budget(config.max_model_len)
         self.kv = kv
+        self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0  # computed tokens thrown away by preemptions, all steps
+        self._step_id = 0
+
+    @classmethod
+    def default_budget(cls, max_model_len: int) -> int:
+        """Token budget when none is configured: whole prompts fit (non-chunking policies)."""
+        return max(max_model_len, 16384)
 
     # ---- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id: {req.request_id!r} is already in use")
         req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
         self.waiting.append(req)
 
-    def finish_request(self, req: Request, status: RequestStatus) -> None:
-        """Remove ``req`` from whichever queue holds it and free its blocks (exactly once)."""
+    def finish_request(self, req: Request | str, status: RequestStatus) -> None:
+        """Finish ``req`` (idempotent) and free its blocks, exactly once: now, or when the last plan
+        that holds it comes back (its K/V writes may still be under way). ``req`` may be an id; an
+        unknown or released id is ignored."""
+        if isinstance(req, str):
+            found = self.requests.get(req)
+            if found is None:
+                return
+            req = found
         if req.finished:
+            if req.status is RequestStatus.FINISHED_LENGTH and status is RequestStatus.FINISHED_STOPPED:
+                req.status = status  # a stop string in the last token wins over the length limit
             return
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
         req.status = status
+        if req.num_in_flight == 0:
+            self._release(req)
+
+    def _release(self, req: Request) -> None:
         self.kv.free(req)
+        self.requests.pop(req.request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -108,9 +155,76 @@ class Scheduler(ABC):
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    # ---- one step ---------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """Pick this step's batch and commit it: counters advance, the requests are in flight."""
+        picked = self._pick()
+        self._step_id += 1
+        plan = StepPlan(self._step_id, preempted=[r.request_id for r in picked.preempted],
+                        num_recomputed_tokens=picked.num_recomputed_tokens)
+        for e in picked.scheduled:
+            req, n = e.request, e.num_new_tokens
+            start = req.num_computed_tokens
+            end = start + n
+            sample = self._sampling_spec(req) if end == req.num_tokens else None
+            plan.seqs.append(SeqPlan(req.request_id, req.token_ids[start:end], start, list(req.block_ids),
+                                     sample, e.is_decode))
+            req.num_computed_tokens = end
+            req.num_in_flight += 1
+        return plan
+
+    def _sampling_spec(self, req: Request) -> SamplingSpec:
+        p = req.params
+        banned: tuple[int, ...] = ()
+        if p.min_tokens and req.num_output_tokens < p.min_tokens:
+            banned = (*p.stop_token_ids, *(() if p.ignore_eos else self.config.eos_token_ids))
+        return SamplingSpec(p.temperature, p.top_p, p.top_k, p.seed, req.num_output_tokens, p.logprobs,
+                            banned)
+
+    def update_from_output(self, plan: StepPlan, output: ModelOutput) -> list[SeqUpdate]:
+        """Apply ``output`` of ``plan``: append tokens, stop what must stop, release what finished."""
+        updates = []
+        for sp in plan.seqs:
+            req = self.requests.get(sp.req_id)
+            if req is None:
+                continue
+            req.num_in_flight -= 1
+            if req.finished:  # aborted (or failed) while in flight: its token, if any, is dropped
+                if req.num_in_flight == 0:
+                    self._release(req)
+                continue
+            err = output.failed.get(sp.req_id)
+            if err is not None:
+                self.finish_request(req, RequestStatus.FINISHED_ERROR)
+                updates.append(SeqUpdate(req, None, error=err))
+                continue
+            tok = output.sampled.get(sp.req_id) if sp.sample is not None else None
+            if tok is None:
+                updates.append(SeqUpdate(req, None))
+                continue
+            req.token_ids.append(tok.token_id)
+            status = self._check_stop(req, tok.token_id)
+            if status is not None:
+                self.finish_request(req, status)
+            updates.append(SeqUpdate(req, tok.token_id, tok.logprobs))
+        return updates
+
+    def _check_stop(self, req: Request, tok: int) -> RequestStatus | None:
+        p = req.params
+        if req.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and tok in self.config.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if tok in p.stop_token_ids:
+                req.stop_reason = tok
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
     @abstractmethod
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's batch. Must not schedule a request twice or exceed the budget/KV."""
+    def _pick(self) -> SchedulerOutput:
+        """The policy: this step's batch. Must not pick a request twice, pick one with nothing to
+        compute (``num_uncomputed == 0``: it waits for a token), or exceed the budget or the KV."""
 
     # ---- helpers shared by policies ---------------------------------------------------------
     def _can_admit(self, req: Request) -> bool:
@@ -129,7 +243,9 @@ class Scheduler(ABC):
         return need + reserve <= self.kv.num_free_blocks
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
-        """Recompute-preemption: free the blocks, forget the KV, requeue at the front."""
+        """Recompute-preemption: free the blocks, forget the KV, requeue at the front. Only for a
+        request with no plan in flight (its K/V writes are done)."""
+        assert req.num_in_flight == 0
         self.running.remove(req)
         self.kv.free(req)
         self.num_recomputed_tokens += req.num_computed_tokens
@@ -143,9 +259,11 @@ class Scheduler(ABC):
 
     def _reserve(self, req: Request, n: int, out: SchedulerOutput, taken: set[int]) -> bool:
         """Allocate KV for ``n`` new tokens of running ``req``, preempting the most recently admitted
-        unscheduled requests if needed. Returns False if ``req`` itself had to be preempted."""
+        requests that are neither picked this step nor in flight, if needed. Returns False if ``req``
+        could not get the blocks (it was preempted itself, or every candidate victim is busy)."""
         while not self.kv.can_allocate(req, n):
-            victim = next((r for r in reversed(self.running) if id(r) not in taken), None)
+            victim = next((r for r in reversed(self.running)
+                           if id(r) not in taken and r.num_in_flight == 0), None)
             if victim is None:
                 return False
             self._preempt(victim, out)

@@ -29,8 +29,8 @@ class _WholePromptScheduler(Scheduler):
 
     def _decode_all(self, out: SchedulerOutput, taken: set[int]) -> None:
         for req in list(self.running):
-            if req.status == RequestStatus.RUNNING and id(req) not in taken:
-                n = req.num_uncomputed
+            n = req.num_uncomputed
+            if req.status == RequestStatus.RUNNING and id(req) not in taken and n > 0:
                 if self._reserve(req, n, out, taken):
                     self._add(out, taken, req, n)
 
@@ -43,7 +43,7 @@ class VllmScheduler(_WholePromptScheduler):
 
     name = "vllm"
 
-    def schedule(self) -> SchedulerOutput:
+    def _pick(self) -> SchedulerOutput:
         out = SchedulerOutput()
         taken: set[int] = set()
         self._admit_whole_prompts(out, taken, self.config.token_budget)
@@ -59,7 +59,7 @@ class OrcaScheduler(_WholePromptScheduler):
 
     name = "orca"
 
-    def schedule(self) -> SchedulerOutput:
+    def _pick(self) -> SchedulerOutput:
         out = SchedulerOutput()
         taken: set[int] = set()
         self._decode_all(out, taken)
@@ -73,7 +73,7 @@ class RequestLevelScheduler(_WholePromptScheduler):
 
     name = "request_level"
 
-    def schedule(self) -> SchedulerOutput:
+    def _pick(self) -> SchedulerOutput:
         out = SchedulerOutput()
         taken: set[int] = set()
         if not self.running:

@@ -18,12 +18,16 @@ class SarathiScheduler(Scheduler):
 
     name = "sarathi"
 
+    @classmethod
+    def default_budget(cls, max_model_len: int) -> int:
+        return 512  # Sarathi-Serve's budget for strict latency targets; chunk_size overrides it
+
     @property
     def budget(self) -> int:
         b, tile = self.config.token_budget, self.config.tile_size
         return max(tile, b - b % tile) if tile else b
 
-    def schedule(self) -> SchedulerOutput:
+    def _pick(self) -> SchedulerOutput:
         out = SchedulerOutput()
         taken: set[int] = set()
         budget = self.budget
@@ -38,8 +42,8 @@ class SarathiScheduler(Scheduler):
         for req in list(self.running):
             if budget == 0:
                 break
-            if id(req) in taken or req.status != RequestStatus.RUNNING:
-                continue
+            if id(req) in taken or req.status != RequestStatus.RUNNING or req.num_uncomputed == 0:
+                continue  # (a request with nothing to compute is waiting for its sampled token)
             if self.kv.max_new_tokens(req) == 0 and not self._reserve(req, 1, out, taken):
                 continue  # it was preempted itself: nothing newer was left to evict
             n = min(req.num_uncomputed, budget, self.kv.max_new_tokens(req))

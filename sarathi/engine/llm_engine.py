@@ -1,0 +1,270 @@
+"""LLMEngine: input processing -> (schedule -> execute -> update) -> output processing.
+
+One step, as data:
+- ``Scheduler.schedule()`` reads and writes ``Request``s (the only writer) and returns a ``StepPlan``;
+- ``Executor.submit(plan)`` sees only the plan and returns a ``ModelOutput`` (a token per request id);
+- ``Scheduler.update_from_output(plan, output)`` appends tokens, stops, frees -> ``SeqUpdate``s;
+- ``OutputProcessor.process(updates)`` detokenizes, finds stop strings -> ``RequestOutput``s.
+Up to ``executor.max_in_flight`` plans are in flight at once (pipeline stages); the local executor
+holds one, which makes ``step()`` one synchronous iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sarathi.config import EngineArgs
+from sarathi.engine.group import PromptType, RequestGroup
+from sarathi.engine.input_processor import InputProcessor
+from sarathi.engine.output_processor import OutputProcessor
+from sarathi.errors import InvalidArgument
+from sarathi.executor import Executor, get_executor_class
+from sarathi.kv_cache import BlockManager
+from sarathi.outputs import RequestOutput
+from sarathi.request import RequestStatus
+from sarathi.sampling_params import SamplingParams
+from sarathi.scheduler import ModelOutput, SchedulerConfig, SeqUpdate, StepPlan, make_scheduler
+from sarathi.tokenizer import Tokenizer
+
+logger = logging.getLogger("sarathi")
+
+
+@dataclass
+class StepRecord:
+    """What one engine step ran (for benchmarks and metrics)."""
+
+    step: int
+    start: float
+    duration: float
+    num_prompt_tokens: int
+    num_decode_tokens: int
+    num_requests: int
+    num_preempted: int
+    num_recomputed_tokens: int = 0  # KV tokens discarded by this step's preemptions (computed again later)
+    num_failed: int = 0  # requests that failed inside this step (their batch-mates were not affected)
+
+
+class EngineStepError(RuntimeError):
+    """Requests failed inside a step. ``LLMEngine.step`` does not raise it (a failing request comes
+    back as a finished ``RequestOutput`` with ``error`` set); kept for code that catches it."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed for requests {request_ids}: {cause!r}")
+        self.request_ids = request_ids
+
+
+@dataclass
+class EngineStats:
+    steps: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=1_000_000))
+    num_steps: int = 0
+
+
+@dataclass
+class _InFlight:
+    plan: StepPlan
+    future: Future[ModelOutput]
+    start: float  # engine clock when scheduled
+    t0: float  # perf_counter when scheduled
+
+
+class LLMEngine:
+    """Continuous-batching engine. Not thread-safe: drive it from one thread.
+
+    ``clock`` gives request timestamps (a simulator passes a virtual one); ``executor_class`` overrides
+    the executor that ``args.executor`` names.
+    """
+
+    def __init__(self, args: EngineArgs, clock: Callable[[], float] = time.time,
+                 executor_class: type[Executor] | None = None) -> None:
+        from sarathi.model.loader import load_model_config, resolve_model
+
+        args.check()
+        args.apply_process_settings()
+        self.args = args
+        self.clock = clock
+        src = resolve_model(args.model)
+        self.model_config = cfg = load_model_config(src)
+        self.model_name = args.model or "SmolLM2-135M-Instruct"
+        self.max_model_len = args.resolved_max_model_len(cfg)
+        self.tokenizer = Tokenizer.load(src)
+        eos = [*cfg.eos_token_ids, *([self.tokenizer.eos_token_id]
+                                     if self.tokenizer.eos_token_id is not None else [])]
+        self.eos_token_ids = tuple(dict.fromkeys(eos))
+        self.executor = (executor_class or get_executor_class(args.executor))(args, cfg)
+        self.dtype = getattr(self.executor, "dtype", None)
+        self.input = InputProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len,
+                                    lambda: self.kv.num_blocks * self.kv.block_size, clock)
+        self.output = OutputProcessor(self.tokenizer)
+        self.stats = EngineStats()
+        self._in_flight: deque[_InFlight] = deque()
+        self._build_runtime()
+        logger.info("engine ready: %s, %s, %s executor, %d KV blocks x %d tokens, scheduler %s",
+                    self.model_name, self.dtype, args.executor, self.kv.num_blocks, args.block_size,
+                    args.scheduler)
+
+    def _build_runtime(self) -> None:
+        """(Re)build the KV cache and the scheduler around the loaded model."""
+        args = self.args
+        num_blocks = args.num_kv_blocks or self.executor.num_kv_blocks(args.kv_cache_bytes(), args.block_size)
+        self.kv = BlockManager(num_blocks, args.block_size)
+        budget = (args.chunk_size or args.max_num_batched_tokens if args.scheduler == "sarathi"
+                  else args.max_num_batched_tokens)
+        self.scheduler = make_scheduler(SchedulerConfig(
+            args.scheduler, args.max_num_seqs, budget, args.tile_size, self.max_model_len,
+            self.eos_token_ids), self.kv)
+        self.executor.init_kv_cache(num_blocks, args.block_size)
+        self.executor.reseed(args.seed)
+
+    RUNTIME_FIELDS = ("scheduler", "chunk_size", "max_num_seqs", "max_num_batched_tokens", "tile_size",
+                      "block_size", "num_kv_blocks", "kv_cache_memory", "seed")
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Switch scheduler policy / budget / KV size without reloading the model (sarathi extension,
+        used to compare policies on one loaded model). Only allowed while no request is in flight."""
+        bad = set(changes) - set(self.RUNTIME_FIELDS)
+        if bad:
+            raise ValueError(f"reconfigure: cannot change {sorted(bad)}; allowed: {self.RUNTIME_FIELDS}")
+        if self.has_unfinished_requests():
+            raise RuntimeError("reconfigure: requests are still running")
+        args = replace(self.args, **changes)
+        args.check()
+        self.args = args
+        self._build_runtime()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    # ---- requests ---------------------------------------------------------------------------
+    @property
+    def groups(self) -> dict[str, RequestGroup]:
+        """Requests added and not finished yet, by id."""
+        return self.output.groups
+
+    def make_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                     arrival_time: float | None = None) -> RequestGroup:
+        """Validate and tokenize a request without queueing it (raises InvalidArgument naming the field)."""
+        return self.input.make_group(request_id, prompt, params, arrival_time)
+
+    def add_group(self, group: RequestGroup) -> None:
+        if group.request_id in self.output.groups:
+            raise InvalidArgument("request_id", f"request_id: {group.request_id!r} is already in use")
+        self.output.add(group)
+        for s in group.seqs:
+            self.scheduler.add_request(s)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        self.add_group(self.make_request(request_id, prompt, params, arrival_time))
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            group = self.output.groups.get(rid)
+            if group is None:
+                continue
+            group.aborted = True
+            for s in group.seqs:
+                self.scheduler.finish_request(s, RequestStatus.FINISHED_ABORTED)
+            self.output.remove(group)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while a request is queued or running, or a plan is in flight (it must be collected to
+        release its blocks)."""
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.output.groups)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Keep up to ``executor.max_in_flight`` plans in flight, collect the oldest one, and return the
+        (cumulative) output of every request it advanced.
+
+        A request that fails inside the step (model or sampler) is finished with ``error`` set in its
+        output; the requests batched with it get their tokens as if it had not been there.
+        """
+        while len(self._in_flight) < self.executor.max_in_flight:
+            start, t0 = self.clock(), time.perf_counter()
+            plan = self.scheduler.schedule()
+            if plan.is_empty:
+                break
+            for sp in plan.seqs:
+                g = self.output.groups.get(self.scheduler.requests[sp.req_id].group_id)
+                if g is not None and g.metrics.first_scheduled_time is None:
+                    g.metrics.first_scheduled_time = start
+            self._in_flight.append(_InFlight(plan, self.executor.submit(plan), start, t0))
+        if not self._in_flight:
+            return []
+        f = self._in_flight.popleft()
+        try:
+            output = f.future.result()
+        except Exception as e:  # any failure is pinned to the request(s) that cause it
+            output = self._isolate(f.plan, e)
+        reqs = self.scheduler.requests
+        num_failed = len({reqs[rid].group_id for rid in output.failed if rid in reqs})
+        updates = self.scheduler.update_from_output(f.plan, output)
+        outputs = self._process(updates, self.clock())
+        plan = f.plan
+        self.stats.num_steps += 1
+        self.stats.steps.append(StepRecord(
+            self.stats.num_steps, f.start, time.perf_counter() - f.t0, plan.num_prompt_tokens,
+            plan.num_decode_tokens, len(plan.seqs), len(plan.preempted), plan.num_recomputed_tokens,
+            num_failed))
+        return outputs
+
+    def _isolate(self, plan: StepPlan, err: Exception) -> ModelOutput:
+        """Find the request(s) that make ``plan`` fail by re-running it in halves.
+
+        Retrying is safe: a sub-plan writes the same K/V slots with the same values, and seeded noise
+        depends only on (seed, position). Costs nothing unless a step fails, then O(k log n) runs for k
+        failing requests among n. Greedy tokens do not depend on the batch composition, so the innocent
+        requests get exactly the tokens they would have got.
+        """
+        if len(plan.seqs) == 1:
+            rid = plan.seqs[0].req_id
+            logger.error("step failed for request %s", rid, exc_info=err)
+            return ModelOutput(plan.step_id, failed={rid: f"{type(err).__name__}: {err}"})
+        logger.warning("step of %d requests failed (%r); retrying in halves to isolate the cause",
+                       len(plan.seqs), err)
+        out = ModelOutput(plan.step_id)
+        mid = len(plan.seqs) // 2
+        for part in (plan.seqs[:mid], plan.seqs[mid:]):
+            sub = plan.subset(part)
+            try:
+                got = self.executor.execute(sub)
+            except Exception as e:
+                got = self._isolate(sub, e)
+            out.sampled.update(got.sampled)
+            out.failed.update(got.failed)
+        return out
+
+    def _process(self, updates: list[SeqUpdate], now: float) -> list[RequestOutput]:
+        touched, stopped = self.output.process(updates, now)
+        for req in stopped:
+            self.scheduler.finish_request(req, RequestStatus.FINISHED_STOPPED)
+        outputs = []
+        for g in touched:
+            if g.error is not None:  # one sequence failed: the whole request stops
+                logger.error("request %s failed inside a step and was stopped: %s", g.request_id, g.error)
+                for s in g.seqs:
+                    self.scheduler.finish_request(s, RequestStatus.FINISHED_ERROR)
+            if g.finished:
+                g.metrics.finished_time = now
+            outputs.append(self.output.output(g))
+            if g.finished:
+                self.output.remove(g)
+        return outputs
+
+    # ---- introspection for metrics ----------------------------------------------------------
+    @property
+    def kv_usage(self) -> float:
+        return self.kv.usage

@@ -1,0 +1,103 @@
+"""What crosses the scheduler/executor boundary: plain, picklable data keyed by request id.
+
+A ``StepPlan`` says, per scheduled sequence, which token ids to compute at which positions, where their
+K/V go (the block table), and how to sample the next token if one is due. The executor answers with a
+``ModelOutput``. Neither side sees the other's objects, so a plan can be sent to another process (a
+pipeline stage) or to a cost model (the simulator) as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Everything the sampler needs for one row.
+
+    ``position`` is the index of the output token being sampled (seeded noise depends only on
+    (seed, position), so a retried step draws the same noise); ``banned`` are token ids that may not be
+    sampled yet (EOS and stop ids while ``min_tokens`` is not reached).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    position: int = 0
+    logprobs: int | None = None
+    banned: tuple[int, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+@dataclass
+class SeqPlan:
+    """One sequence's share of a step: compute ``token_ids`` at positions ``start ..``.
+
+    Invariant: ``block_table`` covers positions ``[0, start + len(token_ids))``; ``sample`` is set exactly
+    when the last of these tokens is the sequence's last known token (a token is due).
+    """
+
+    req_id: str
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    sample: SamplingSpec | None = None
+    is_decode: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class StepPlan:
+    """One engine step: the sequences to run, in execution order (decodes first)."""
+
+    step_id: int
+    seqs: list[SeqPlan] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    num_recomputed_tokens: int = 0  # computed tokens whose KV this step's preemptions threw away
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs if s.is_decode)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.num_tokens - self.num_decode_tokens
+
+    def subset(self, seqs: list[SeqPlan]) -> StepPlan:
+        """The same step restricted to ``seqs`` (used to re-run a failed step without a culprit)."""
+        return StepPlan(self.step_id, list(seqs))
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    # (sampled token's logprob, its rank, top-n ids, top-n logprobs) when logprobs were asked for.
+    logprobs: tuple[float, int, list[int], list[float]] | None = None
+
+
+@dataclass
+class ModelOutput:
+    """The executor's answer to a plan: a token per sequence that had ``sample`` set.
+
+    ``failed`` maps a request id to why it failed (the engine fills it when it isolates a failure).
+    """
+
+    step_id: int
+    sampled: dict[str, SampledToken] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    execute_time: float = 0.0

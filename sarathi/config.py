@@ -136,9 +136,12 @@ class EngineArgs:
         return cls(**kwargs)
 
     @classmethod
-    def add_cli_args(cls, p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-        """One ``--flag`` per field (``only``: a subset), with its help text and default."""
+    def add_cli_args(cls, p: argparse.ArgumentParser, only: tuple[str, ...] | None = None,
+                     defaults: dict[str, Any] | None = None) -> None:
+        """One ``--flag`` per field (``only``: a subset), with its help text and default (``defaults``
+        overrides some, e.g. a benchmark's small KV cache)."""
         g = p.add_argument_group("engine")
+        defaults = defaults or {}
         for f in dataclasses.fields(cls):
             if only is not None and f.name not in only:
                 continue
@@ -147,7 +150,10 @@ class EngineArgs:
             if "default" not in help_text:
                 help_text += " (default: %(default)s)"
             kind = _base_type(f.type)
-            g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default,
+            if f.name in defaults:
+                help_text = help_text.split(" (default")[0] + " (default: %(default)s)"
+            g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name,
+                           default=defaults.get(f.name, f.default),
                            type=kind if kind in (int, float) else str, help=help_text, **meta)
 
     @classmethod

@@ -80,3 +80,47 @@ def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="model: unsupported architecture"):
         resolve_model(str(tmp_path)) and LLM(model=str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(scheduler="fifo"), "scheduler"),
+    (dict(executor="cluster"), "executor"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(max_num_seqs="8"), "max_num_seqs"),
+    (dict(threads=0), "threads"),
+    (dict(kv_cache_memory="lots"), "kv_cache_memory"),
+    (dict(chunk_sise=64), "chunk_sise"),  # a typo is an error, not a silently ignored argument
+])
+def test_engine_argument_errors_carry_the_field(kwargs, field):
+    from sarathi.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as e:
+        LLM(model="/nonexistent/never/loaded", **kwargs)
+    assert e.value.field == field
+
+
+def test_sampling_errors_carry_the_field():
+    from sarathi.errors import InvalidArgument
+
+    for kwargs, field in [(dict(top_p=2), "top_p"), (dict(seed=2**64), "seed"), (dict(stop=3), "stop")]:
+        with pytest.raises(InvalidArgument) as e:
+            SamplingParams(**kwargs)
+        assert e.value.field == field
+
+
+def test_cli_flags_are_generated_from_engine_args():
+    import dataclasses
+
+    from sarathi.cli import build_parser
+
+    parser, _ = build_parser()
+    ns = parser.parse_args(["generate", "hi", "--chunk-size", "64", "--kv-cache-memory", "1GiB",
+                            "--scheduler", "orca", "--threads", "1"])
+    args = EngineArgs.from_cli(ns)
+    assert (args.chunk_size, args.kv_cache_memory, args.scheduler, args.threads) == (64, "1GiB", "orca", 1)
+    defaults = EngineArgs.from_cli(parser.parse_args(["serve"]))
+    assert defaults == EngineArgs()  # every flag's default is the dataclass default
+    help_text = parser._subparsers._group_actions[0].choices["serve"].format_help()
+    for f in dataclasses.fields(EngineArgs):
+        assert f"--{f.name.replace('_', '-')}" in help_text
+    assert "(default: 256)" in help_text  # defaults are shown

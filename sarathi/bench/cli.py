@@ -15,8 +15,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _common(p: argparse.ArgumentParser, out_name: str) -> None:
-    p.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    from sarathi.config import EngineArgs
+
+    EngineArgs.add_cli_args(p, only=("model", "dtype"))  # the engine's own flags, help and defaults
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-limits", action="store_true", help="skip measuring GEMM peak / memory bandwidth")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))

@@ -260,18 +260,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = SoakConfig()
     p.add_argument("--base-url", default=None,
                    help="soak this running server (loopback only); default: start one in-process")
-    p.add_argument("--model", default=None, help="in-process server: HF folder or .gguf (default model)")
-    p.add_argument("--num-kv-blocks", type=int, default=40,
-                   help="in-process server: KV blocks of 16 tokens (small = KV pressure)")
-    p.add_argument("--chunk-size", type=int, default=128, help="in-process server: sarathi chunk size")
-    p.add_argument("--scheduler", default="sarathi", help="in-process server: scheduling policy")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    from sarathi.config import EngineArgs
+
+    # The in-process server's engine flags; a small KV cache by default, to soak under KV pressure.
+    EngineArgs.add_cli_args(p, defaults={"num_kv_blocks": 40, "chunk_size": 128})
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=d.concurrency)
     p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
     p.add_argument("--max-output-tokens", type=int, default=d.max_output_tokens)
     p.add_argument("--disconnect-frac", type=float, default=d.disconnect_frac)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workload-seed", type=int, default=0, help="seed of the random request mix")
     p.add_argument("--api-key", default=None)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/soak.json"))
 
@@ -283,12 +281,14 @@ def run(ns: argparse.Namespace) -> int:
     from sarathi.bench.common import loadavg, run_meta, save_json, set_threads
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    set_threads(ns.threads)
+    from sarathi.config import EngineArgs
     from sarathi.tokenizer import Tokenizer
+
+    set_threads(ns.threads)
 
     cfg = SoakConfig(num_requests=ns.num_requests, concurrency=ns.concurrency,
                      max_prompt_tokens=ns.max_prompt_tokens, max_output_tokens=ns.max_output_tokens,
-                     disconnect_frac=ns.disconnect_frac, seed=ns.seed, api_key=ns.api_key)
+                     disconnect_frac=ns.disconnect_frac, seed=ns.workload_seed, api_key=ns.api_key)
     meta = run_meta("bench soak", {k: str(v) for k, v in vars(ns).items()})
     if ns.base_url:
         from sarathi.model.loader import resolve_model
@@ -296,11 +296,11 @@ def run(ns: argparse.Namespace) -> int:
         tok = Tokenizer.load(resolve_model(ns.model))
         rep = asyncio.run(run_soak(ns.base_url, cfg, tok.decode))
     else:
+        from sarathi.engine import LLMEngine
         from sarathi.llm import LLM
         from sarathi.server import build_app
 
-        llm = LLM(model=ns.model, scheduler=ns.scheduler, chunk_size=ns.chunk_size,
-                  num_kv_blocks=ns.num_kv_blocks)
+        llm = LLM.from_engine(LLMEngine(EngineArgs.from_cli(ns)))
         cfg.vocab_size = llm.engine.model_config.vocab_size
         with serve_in_thread(build_app(llm.engine, api_key=ns.api_key)) as url:
             rep = asyncio.run(run_soak(url, cfg, llm.engine.tokenizer.decode))

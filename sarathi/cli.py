@@ -12,39 +12,12 @@ from sarathi.config import EngineArgs
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine flags, with vLLM's names."""
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="HF checkpoint folder or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--scheduler", default="sarathi", help="sarathi | vllm | orca | request_level")
-    g.add_argument("--chunk-size", type=int, default=None, help="sarathi token budget per step (512)")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--tile-size", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 2GiB (default 2GiB)")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: all cores); use 1 when other processes are busy, "
-                        "since OpenMP threads waiting on a descheduled peer make small matmuls crawl")
+    """Engine flags, generated from ``EngineArgs`` (vLLM's names, help and defaults in one place)."""
+    EngineArgs.add_cli_args(p)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    if getattr(ns, "threads", None):
-        import torch
-
-        torch.set_num_threads(ns.threads)
-    return EngineArgs(
-        model=ns.model, dtype=ns.dtype, scheduler=ns.scheduler, chunk_size=ns.chunk_size,
-        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        tile_size=ns.tile_size, block_size=ns.block_size, num_kv_blocks=ns.num_kv_blocks,
-        kv_cache_memory=ns.kv_cache_memory, max_model_len=ns.max_model_len, seed=ns.seed,
-        device=ns.device,
-    )
+    return EngineArgs.from_cli(ns)
 
 
 def _generate(ns: argparse.Namespace) -> int:
@@ -70,6 +43,13 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _serve(ns: argparse.Namespace) -> int:
     import os
 
@@ -78,9 +58,12 @@ def _serve(ns: argparse.Namespace) -> int:
     args = engine_args_from(ns)
     args.check()  # flag errors before the model loads
     api_key = ns.api_key or os.environ.get("SARATHI_API_KEY") or None
+    backlog = ns.max_stream_backlog if ns.max_stream_backlog > 0 else None
     return run_server(args, host=ns.host, port=ns.port, api_key=api_key,
                       served_model_name=ns.served_model_name, max_waiting_requests=ns.max_waiting_requests,
-                      shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level)
+                      shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level,
+                      max_request_body_bytes=ns.max_request_body_bytes, max_stream_backlog=backlog,
+                      stream_stall_timeout=ns.stream_stall_timeout)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
@@ -107,6 +90,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
                    help="refuse new requests with 429 while this many are waiting (default: unbounded)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may take to finish on SIGINT/SIGTERM")
+    s.add_argument("--max-request-body-bytes", type=_positive_int, default=8 << 20,
+                   help="refuse larger request bodies with 413 (default: 8 MiB)")
+    s.add_argument("--max-stream-backlog", type=int, default=128,
+                   help="abort a streamed request once its client, its socket buffers full, has left more "
+                        "than this many outputs per prompt unread for --stream-stall-timeout seconds "
+                        "(default 128; 0: never)")
+    s.add_argument("--stream-stall-timeout", type=float, default=5.0,
+                   help="seconds without reading before a backlogged stream is aborted (default 5)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(s)
     handlers["serve"] = _serve

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -112,19 +113,31 @@ def test_full_waiting_queue_gives_429_and_keeps_accepted(server, llm, monkeypatc
     aeng = server.aengine
     monkeypatch.setattr(aeng, "max_waiting_requests", 1)
     entered, release = base.gate_executor(monkeypatch, llm.engine)
-    first: dict[str, Any] = {}
-    t = threading.Thread(target=lambda: first.update(r=_post(server, "/v1/completions", GOOD)))
-    t.start()
+    got: dict[str, Any] = {}
+
+    def send(name: str) -> threading.Thread:
+        t = threading.Thread(target=lambda: got.update({name: _post(server, "/v1/completions", GOOD)}))
+        t.start()
+        return t
+
+    threads = [send("first")]
     try:
         assert entered.wait(60), "the first request never reached the engine"
-        assert aeng.num_waiting == 1  # blocked in its first step, not yet scheduled
+        assert aeng.num_waiting == 0  # scheduled: blocked inside its first step
+        threads.append(send("second"))  # accepted, waits behind the blocked step
+        deadline = time.monotonic() + 60
+        while aeng.num_waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert aeng.num_waiting == 1
         r = _post(server, "/v1/completions", GOOD)
         _assert_error(r, 429, None)
         assert int(r.headers["Retry-After"]) >= 1
     finally:
         release.set()
-        t.join(120)
-    assert first["r"].status_code == 200 and first["r"].json()["usage"]["completion_tokens"] == 2
+        for t in threads:
+            t.join(120)
+    for name in ("first", "second"):  # nothing accepted is lost
+        assert got[name].status_code == 200 and got[name].json()["usage"]["completion_tokens"] == 2
     monkeypatch.undo()
     _assert_still_serves(server)
     assert server.metric("sarathi_requests_rejected_total") >= 1

@@ -45,8 +45,10 @@ def _uvicorn_server(config: Any) -> Any:
 
 def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                served_model_name: str | None = None, max_waiting_requests: int | None = None,
-               shutdown_timeout: float = 30.0, log_level: str = "info") -> int:
-    """Load the model, serve until SIGINT/SIGTERM, shut down gracefully; returns the exit code."""
+               shutdown_timeout: float = 30.0, log_level: str = "info", **limits: Any) -> int:
+    """Load the model, serve until SIGINT/SIGTERM, shut down gracefully; returns the exit code.
+    ``limits``: ``build_app``'s request limits (max_request_body_bytes, max_stream_backlog,
+    stream_stall_timeout)."""
     import uvicorn
 
     from sarathi.engine import LLMEngine
@@ -54,7 +56,7 @@ def run_server(args: EngineArgs, host: str = "127.0.0.1", port: int = 8000, api_
     args.check()
     engine = LLMEngine(args)
     app = build_app(engine, api_key=api_key, served_model_name=served_model_name,
-                    max_waiting_requests=max_waiting_requests, shutdown_timeout=shutdown_timeout)
+                    max_waiting_requests=max_waiting_requests, shutdown_timeout=shutdown_timeout, **limits)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=max(1, round(shutdown_timeout)))
     server = _uvicorn_server(config)

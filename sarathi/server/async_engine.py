@@ -3,7 +3,8 @@
 The engine is not thread-safe, so only the engine thread touches it: handlers post "add" and "abort"
 commands to an inbox that the thread drains before every step, which is also how new requests join the
 running batch at the next step (continuous batching). Outputs travel back to each request's
-``RequestStream`` (an asyncio queue) with ``loop.call_soon_threadsafe``.
+``RequestStream`` with ``loop.call_soon_threadsafe``; a stream keeps only the newest unread output of
+each request, and aborts its requests when a streaming client stops reading (``StreamBacklog``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sarathi.engine import EngineStepError, LLMEngine, RequestGroup
+from sarathi.engine import LLMEngine, RequestGroup
 from sarathi.outputs import RequestOutput
 from sarathi.server.metrics import ServerMetrics
 
@@ -59,23 +60,75 @@ class _Inbox:
         self.wake.set()
 
 
-class RequestStream:
-    """Outputs of the request groups of one HTTP request, in arrival order; ``close()`` aborts the rest."""
+@dataclass(frozen=True)
+class StreamBacklog:
+    """When a streaming client counts as gone although still connected: it has left more than
+    ``max_outputs`` outputs per request group unread (its socket buffers are full, so the SSE writer is
+    blocked and stops pulling) and has read nothing for ``stall_s`` seconds. Its request is then aborted,
+    so a client that does not read cannot keep spending the engine's compute."""
 
-    def __init__(self, owner: AsyncLLMEngine, request_ids: list[str]) -> None:
+    max_outputs: int = 128
+    stall_s: float = 5.0
+
+
+class RequestStream:
+    """Outputs of the request groups of one HTTP request; ``close()`` aborts the rest.
+
+    ``RequestOutput``s are cumulative, so an unread output is replaced by its successor: a slow reader
+    holds one pending output per group, not one per step. With a ``StreamBacklog`` a reader that stops
+    pulling gets its requests aborted (see ``StreamBacklog``).
+    """
+
+    def __init__(self, owner: AsyncLLMEngine, request_ids: list[str],
+                 backlog: StreamBacklog | None = None) -> None:
         self._owner = owner
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._pending: dict[str, RequestOutput] = {}  # newest unread output of each group
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
         self.request_ids = list(request_ids)
-        self._unfinished = set(request_ids)
+        self._unfinished = set(request_ids)  # as the reader has seen them
+        self._running = set(request_ids)  # as the engine has delivered them
         self._closed = False
+        self._backlog = backlog
+        self._unread = 0
+        self._last_read = time.monotonic()
+        self.slow_reader = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """Called from the engine thread."""
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._deliver, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
+
+    def _deliver(self, item: RequestOutput | BaseException) -> None:
+        """On the event loop."""
+        if self._closed:  # aborted or abandoned: nobody will read this
+            return
+        if isinstance(item, BaseException):
+            self._error = self._error or item
+        else:
+            self._pending[item.request_id] = item
+            self._unread += 1
+            if item.finished:
+                self._running.discard(item.request_id)
+        self._ready.set()
+        self._check_backlog()
+
+    def _check_backlog(self) -> None:
+        b = self._backlog
+        if (b is None or not self._running or self._error is not None
+                or self._unread <= b.max_outputs * len(self.request_ids)):
+            return
+        stalled = time.monotonic() - self._last_read
+        if stalled < b.stall_s:
+            return
+        self.slow_reader, self._closed = True, True
+        self._pending.clear()
+        self._error = RequestAbortedError("aborted: the client stopped reading this stream")
+        self._ready.set()
+        self._owner.abort_slow_reader(sorted(self._running), self._unread, stalled)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()
@@ -83,12 +136,17 @@ class RequestStream:
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
         try:
             while self._unfinished:
-                item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    self._unfinished.discard(item.request_id)
-                yield item
+                if self._pending:
+                    self._unread, self._last_read = 0, time.monotonic()
+                    item = self._pending.pop(next(iter(self._pending)))
+                    if item.finished:
+                        self._unfinished.discard(item.request_id)
+                    yield item
+                elif self._error is not None:
+                    raise self._error
+                else:
+                    self._ready.clear()
+                    await self._ready.wait()
         finally:
             self.close()
 
@@ -153,15 +211,16 @@ class AsyncLLMEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
 
     # ---- handler side ------------------------------------------------------------------------
-    def submit(self, groups: list[RequestGroup]) -> RequestStream:
-        """Queue validated groups (all or none). Raises QueueFullError / EngineStoppedError."""
+    def submit(self, groups: list[RequestGroup], backlog: StreamBacklog | None = None) -> RequestStream:
+        """Queue validated groups (all or none). Raises QueueFullError / EngineStoppedError.
+        ``backlog``: abort the groups if their reader stops reading (for streamed responses)."""
         if not self.accepting or not self.is_running:
             raise EngineStoppedError("the server is shutting down")
         limit = self.max_waiting_requests
         if limit is not None and self.num_waiting + len(groups) > limit:
             self.metrics.record_rejected()
             raise QueueFullError(f"too many waiting requests (limit {limit}); retry later")
-        stream = RequestStream(self, [g.request_id for g in groups])
+        stream = RequestStream(self, [g.request_id for g in groups], backlog)
         with self._lock:
             for g in groups:
                 self._live[g.request_id] = _Tracked(g, stream)
@@ -171,6 +230,13 @@ class AsyncLLMEngine:
 
     def abort(self, request_ids: list[str]) -> None:
         self._inbox.post("abort", list(request_ids))
+
+    def abort_slow_reader(self, request_ids: list[str], unread: int, stalled_s: float) -> None:
+        """A stream's client stopped reading (see ``StreamBacklog``): free its requests' compute and KV."""
+        logger.warning("aborting %s: the client left %d outputs unread and read nothing for %.1f s",
+                       request_ids, unread, stalled_s)
+        self.metrics.record_slow_reader_abort()
+        self.abort(request_ids)
 
     # ---- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -216,25 +282,23 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         eng = self.engine
         steps_before = eng.stats.num_steps
-        try:
-            outputs = eng.step()
-        except EngineStepError as e:  # the engine already aborted these requests
-            now = time.time()
-            for rid in e.request_ids:
-                t = self._forget(rid)
-                if t is not None:
-                    t.stream.put(RequestFailedError(f"the engine failed while running this request: {e}"))
-                    self.metrics.record_finished(["error"] * len(t.group.seqs), t.group.metrics, now)
-            self._record_state()
-            return
+        # A request that fails inside the step comes back finished with ``error`` set; the engine has
+        # already freed it, and its batch-mates' outputs are unaffected.
+        outputs = eng.step()
         if eng.stats.num_steps != steps_before:
             rec = eng.stats.steps[-1]
             self.metrics.record_step(rec.num_prompt_tokens, rec.num_decode_tokens, rec.num_preempted,
-                                     rec.duration)
+                                     rec.duration, rec.num_recomputed_tokens)
         now = time.time()
         for out in outputs:
             t = self._live.get(out.request_id)
             if t is None:
+                continue
+            if out.error is not None:
+                self._forget(out.request_id)
+                t.stream.put(RequestFailedError(f"the engine failed while running this request: "
+                                                f"{out.error}"))
+                self.metrics.record_finished(["error"] * len(out.outputs), out.metrics, now)
                 continue
             self._account(t, out, now)
             t.stream.put(out)

@@ -40,6 +40,10 @@ class ServerMetrics:
         self.generation_tokens = counter("sarathi_generation_tokens", "Generated tokens").labels(model_name)
         self.preemptions = counter("sarathi_num_preemptions", "Sequences preempted (recompute)").labels(
             model_name)
+        self.recomputed_tokens = counter("sarathi_recomputed_tokens", "Tokens whose KV cache was discarded "
+                                         "by a preemption and must be computed again").labels(model_name)
+        self.slow_reader_aborts = counter("sarathi_requests_slow_reader_aborted", "Streams aborted because "
+                                          "their client stopped reading").labels(model_name)
         self.steps = counter("sarathi_steps", "Engine steps run").labels(model_name)
         self.mixed_steps = counter("sarathi_mixed_steps", "Steps that ran prompt and decode tokens "
                                    "together (piggybacked decodes)").labels(model_name)
@@ -64,7 +68,8 @@ class ServerMetrics:
         self.kv_free_blocks = gauge("sarathi_kv_cache_free_blocks", "Free KV-cache blocks")
 
     # ---- updates (engine thread) --------------------------------------------------------------
-    def record_step(self, num_prompt: int, num_decode: int, num_preempted: int, duration: float) -> None:
+    def record_step(self, num_prompt: int, num_decode: int, num_preempted: int, duration: float,
+                    num_recomputed_tokens: int = 0) -> None:
         self.steps.inc()
         if num_prompt and num_decode:
             self.mixed_steps.inc()
@@ -75,6 +80,8 @@ class ServerMetrics:
         self.last_step_decode_tokens.set(num_decode)
         if num_preempted:
             self.preemptions.inc(num_preempted)
+        if num_recomputed_tokens:
+            self.recomputed_tokens.inc(num_recomputed_tokens)
 
     def record_state(self, running: int, waiting: int, kv_usage: float, kv_free: int) -> None:
         self.running.set(running)
@@ -93,6 +100,9 @@ class ServerMetrics:
 
     def record_rejected(self) -> None:
         self._rejected.inc()
+
+    def record_slow_reader_abort(self) -> None:
+        self.slow_reader_aborts.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

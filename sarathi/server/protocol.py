@@ -7,16 +7,32 @@ live in ``SamplingParams`` and in the engine, whose error messages start with th
 
 from __future__ import annotations
 
-import re
 import time
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from sarathi.errors import InvalidArgument
 from sarathi.outputs import CompletionOutput, Logprob
 from sarathi.sampling_params import SamplingParams
 
 _STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+# OpenAI's chat roles. Anything else is refused rather than pasted into the chat template, where a role
+# such as "user<|im_end|>..." would forge turns.
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for legacy completions
+
+
+def check_unicode(text: str, where: str = "") -> str:
+    """``text`` if it can be encoded as UTF-8; JSON's ``\\ud800`` escapes can smuggle in lone UTF-16
+    surrogates, which no tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}contains a lone UTF-16 surrogate at character {e.start}; "
+                         "send valid Unicode") from None
+    return text
 
 
 class StreamOptions(BaseModel):
@@ -51,11 +67,12 @@ class _SamplingFields(BaseModel):
 
     def check_unsupported(self) -> None:
         if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty: presence/frequency penalties are not supported (use 0)")
+            raise InvalidArgument("presence_penalty",
+                                  "presence_penalty: presence/frequency penalties are not supported (use 0)")
         if self.logit_bias:
-            raise ValueError("logit_bias: not supported")
+            raise InvalidArgument("logit_bias", "logit_bias: not supported")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options: only allowed when stream is true")
+            raise InvalidArgument("stream_options", "stream_options: only allowed when stream is true")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Build SamplingParams (raises ValueError naming the field)."""
@@ -75,7 +92,7 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: Any
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = None
@@ -87,12 +104,24 @@ class CompletionRequest(_SamplingFields):
         def is_ids(x: Any) -> bool:
             return isinstance(x, list) and bool(x) and all(type(t) is int for t in x)
 
-        if isinstance(v, str) or is_ids(v):
+        if isinstance(v, str):
+            return check_unicode(v)
+        if is_ids(v):
             return v
-        if isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(is_ids(p) for p in v)):
+        if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+            for i, p in enumerate(v):
+                check_unicode(p, f"element {i} ")
+            return v
+        if isinstance(v, list) and v and all(is_ids(p) for p in v):
             return v
         raise ValueError("must be a string, a list of strings, a non-empty list of token ids, "
                          "or a list of such lists")
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _default_max_tokens(cls, v: Any) -> Any:
+        """``null`` means the default (16), as in OpenAI's API, not "until the context is full"."""
+        return DEFAULT_COMPLETION_MAX_TOKENS if v is None else v
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: strings or token-id lists."""
@@ -104,30 +133,52 @@ class CompletionRequest(_SamplingFields):
     def check_unsupported(self) -> None:
         super().check_unsupported()
         if self.suffix:
-            raise ValueError("suffix: not supported")
+            raise InvalidArgument("suffix", "suffix: not supported")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of: only best_of == n is supported")
+            raise InvalidArgument("best_of", "best_of: only best_of == n is supported")
         if self.echo and self.logprobs is not None:
-            raise ValueError("echo: echo together with logprobs (prompt logprobs) is not supported")
+            raise InvalidArgument("echo",
+                                  "echo: echo together with logprobs (prompt logprobs) is not supported")
 
 
 class ChatMessage(BaseModel):
     model_config = _STRICT
-    role: str
+    role: Role
     content: Any = ""
     name: str | None = None
+    tool_call_id: str | None = Field(None, validate_default=True)
 
     @field_validator("content", mode="before")
     @classmethod
     def _flatten(cls, v: Any) -> str:
         """Accept a string, null, or a list of {"type": "text", "text": ...} parts."""
         if v is None or isinstance(v, str):
-            return v or ""
+            return check_unicode(v or "")
         if isinstance(v, list) and all(isinstance(p, dict) for p in v):
             if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in v):
                 raise ValueError("only text content parts are supported")
-            return "".join(p["text"] for p in v)
+            return check_unicode("".join(p["text"] for p in v))
         raise ValueError("must be a string or a list of text parts")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_unicode(v)
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _check_tool_call_id(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not v:
+            raise ValueError("required for messages with role 'tool'")
+        return v if v is None else check_unicode(v)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template sees it. Templates written before OpenAI's "developer" role
+        know only "system", which is what "developer" means."""
+        msg = self.model_dump(exclude_none=True)
+        if self.role == "developer":
+            msg["role"] = "system"
+        return msg
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -138,12 +189,12 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True
 
     def conversation(self) -> list[dict[str, Any]]:
-        return [m.model_dump(exclude_none=True) for m in self.messages]
+        return [m.for_template() for m in self.messages]
 
     @property
     def num_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs: requires logprobs to be true")
+            raise InvalidArgument("top_logprobs", "top_logprobs: requires logprobs to be true")
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
@@ -152,15 +203,6 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 # ---- errors -------------------------------------------------------------------------------------
-_LEADING_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)(?::| must| only| requires| \()")
-
-
-def field_of(message: str) -> str | None:
-    """The field a ValueError message names first ("max_tokens: ..." / "top_p must be ...")."""
-    m = _LEADING_FIELD.match(message)
-    return m.group(1) if m else None
-
-
 def describe_validation_error(e: ValidationError) -> tuple[str, str]:
     """(param, message) for the first problem pydantic found."""
     err = e.errors()[0]

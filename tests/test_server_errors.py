@@ -164,3 +164,46 @@ def test_engine_failure_gives_500_and_server_keeps_serving(server, llm, monkeypa
     _assert_still_serves(server)
     assert server.metric("sarathi_requests_finished_total", finished_reason="error") == 2
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_failing_request_does_not_fail_concurrent_innocents(server, llm, monkeypatch):
+    """A request that breaks the model step gets its 500; the innocents batched with it get 200 and the
+    same greedy text they get alone."""
+    prompts = ["The capital of France is", "Water boils at", "Once upon a time,", "def add(a, b):"]
+    body = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    alone = [_post(server, "/v1/completions", {**body, "prompt": p}).json()["choices"][0]["text"]
+             for p in prompts]
+    engine = llm.engine
+    real = engine.executor.execute
+
+    def flaky(plan: Any) -> Any:
+        if any(s.sample is not None and s.sample.seed == 666 for s in plan.seqs):
+            raise RuntimeError("injected model failure")
+        return real(plan)
+
+    monkeypatch.setattr(engine.executor, "execute", flaky)
+    entered, release = base.gate_executor(monkeypatch, engine)  # hold the first step: all join one batch
+    results: dict[int, httpx.Response] = {}
+    bodies = [{**body, "prompt": p} for p in prompts]
+    bodies.insert(2, {**body, "prompt": "Tell me a story", "temperature": 0.8, "seed": 666})
+
+    def send(i: int, b: dict[str, Any]) -> None:
+        results[i] = _post(server, "/v1/completions", b)
+
+    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate(bodies)]
+    for t in threads:
+        t.start()
+    try:
+        assert entered.wait(60)
+        deadline = time.monotonic() + 30
+        while server.aengine.num_in_flight < len(bodies) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(120)
+    _assert_error(results.pop(2), 500, None)
+    texts = [results[i].json()["choices"][0]["text"] for i in sorted(results)]
+    assert [r.status_code for r in results.values()] == [200] * len(prompts)
+    assert texts == alone
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks

@@ -143,8 +143,8 @@ def test_full_waiting_queue_gives_429_and_keeps_accepted(server, llm, monkeypatc
     assert server.metric("sarathi_requests_rejected_total") >= 1
 
 
-def test_engine_failure_gives_500_and_server_keeps_serving(server, llm, monkeypatch, caplog):
-    engine = llm.engine
+def fail_requests_with_seed_666(monkeypatch: Any, engine: Any) -> None:
+    """Make every model step that samples for a request with seed 666 raise."""
     real = engine.executor.execute
 
     def flaky(plan: Any) -> Any:
@@ -153,6 +153,11 @@ def test_engine_failure_gives_500_and_server_keeps_serving(server, llm, monkeypa
         return real(plan)
 
     monkeypatch.setattr(engine.executor, "execute", flaky)
+
+
+def test_engine_failure_gives_500_and_server_keeps_serving(server, llm, monkeypatch, caplog):
+    engine = llm.engine
+    fail_requests_with_seed_666(monkeypatch, engine)
     with caplog.at_level("ERROR", logger="sarathi"):
         r = _post(server, "/v1/completions", {**GOOD, "seed": 666})
     _assert_error(r, 500, None)
@@ -174,14 +179,7 @@ def test_failing_request_does_not_fail_concurrent_innocents(server, llm, monkeyp
     alone = [_post(server, "/v1/completions", {**body, "prompt": p}).json()["choices"][0]["text"]
              for p in prompts]
     engine = llm.engine
-    real = engine.executor.execute
-
-    def flaky(plan: Any) -> Any:
-        if any(s.sample is not None and s.sample.seed == 666 for s in plan.seqs):
-            raise RuntimeError("injected model failure")
-        return real(plan)
-
-    monkeypatch.setattr(engine.executor, "execute", flaky)
+    fail_requests_with_seed_666(monkeypatch, engine)
     entered, release = base.gate_executor(monkeypatch, engine)  # hold the first step: all join one batch
     results: dict[int, httpx.Response] = {}
     bodies = [{**body, "prompt": p} for p in prompts]

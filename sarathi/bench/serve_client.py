@@ -24,7 +24,7 @@ import ipaddress
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +166,18 @@ def _peaks(ok: Sequence[RequestOutcome]) -> dict[str, float]:
     return {"max_output_tokens_per_s": float(tokens.max()), "max_concurrent_requests": int(conc.max())}
 
 
+async def sse_events(resp: Any) -> AsyncIterator[dict[str, Any]]:
+    """The JSON messages of an OpenAI-style server-sent-event stream, up to ``data: [DONE]``."""
+    async for line in resp.aiter_lines():
+        line = line.strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 async def _send(client: Any, url: str, body: dict[str, Any], out: RequestOutcome) -> None:
     """Stream one completion into ``out`` (never raises for HTTP/stream errors)."""
     out.start_time = last = time.perf_counter()
@@ -176,14 +188,7 @@ async def _send(client: Any, url: str, body: dict[str, Any], out: RequestOutcome
             if resp.status_code != 200:
                 out.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return
-            async for line in resp.aiter_lines():
-                line = line.strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                msg = json.loads(data)
+            async for msg in sse_events(resp):
                 if msg.get("usage"):
                     usage_tokens = msg["usage"].get("completion_tokens") or usage_tokens
                 choices = msg.get("choices") or []

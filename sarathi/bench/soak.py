@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
 import socket
 import threading
@@ -27,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from sarathi.bench.serve_client import check_loopback
+from sarathi.bench.serve_client import check_loopback, sse_events
 
 
 @dataclass
@@ -113,13 +112,7 @@ async def _one(client: Any, r: SoakRequest, body: dict[str, Any]) -> None:
             if resp.status_code != 200:
                 return
             reasons: dict[int, str | None] = {}
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                msg = json.loads(data)
+            async for msg in sse_events(resp):
                 if "error" in msg:
                     r.problem = f"error event: {msg['error']}"
                     return

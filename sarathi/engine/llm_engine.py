@@ -26,6 +26,7 @@ from sarathi.engine.output_processor import OutputProcessor
 from sarathi.errors import InvalidArgument
 from sarathi.executor import Executor, get_executor_class
 from sarathi.kv_cache import BlockManager
+from sarathi.model.config import ModelConfig
 from sarathi.outputs import RequestOutput
 from sarathi.request import RequestStatus
 from sarathi.sampling_params import SamplingParams
@@ -77,22 +78,32 @@ class LLMEngine:
     """Continuous-batching engine. Not thread-safe: drive it from one thread.
 
     ``clock`` gives request timestamps (a simulator passes a virtual one); ``executor_class`` overrides
-    the executor that ``args.executor`` names.
+    the executor that ``args.executor`` names. ``model_config`` builds the engine around a model shape
+    without reading ``args.model`` (the simulator's paper-scale models have no checkpoint); with it,
+    ``tokenizer=None`` means prompts must be token ids and outputs carry no text.
     """
 
     def __init__(self, args: EngineArgs, clock: Callable[[], float] = time.time,
-                 executor_class: type[Executor] | None = None) -> None:
+                 executor_class: type[Executor] | None = None, model_config: ModelConfig | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
         from sarathi.model.loader import load_model_config, resolve_model
 
         args.check()
         args.apply_process_settings()
         self.args = args
         self.clock = clock
-        src = resolve_model(args.model)
-        self.model_config = cfg = load_model_config(src)
+        if model_config is None:
+            src = resolve_model(args.model)
+            model_config = load_model_config(src)
+            tokenizer = tokenizer or Tokenizer.load(src)
+        elif tokenizer is None:
+            from sarathi.sim.tokenizer import TokenIdsOnly
+
+            tokenizer = TokenIdsOnly()  # type: ignore[assignment]
+        self.model_config = cfg = model_config
         self.model_name = args.model or "SmolLM2-135M-Instruct"
         self.max_model_len = args.resolved_max_model_len(cfg)
-        self.tokenizer = Tokenizer.load(src)
+        self.tokenizer = tokenizer
         eos = [*cfg.eos_token_ids, *([self.tokenizer.eos_token_id]
                                      if self.tokenizer.eos_token_id is not None else [])]
         self.eos_token_ids = tuple(dict.fromkeys(eos))

@@ -15,6 +15,8 @@ MAX_LOGPROBS = 20  # vLLM's and OpenAI's limit
 MAX_STOP_STRINGS = 64  # each one is searched for after every token
 MAX_STOP_TOKEN_IDS = 1024
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass
@@ -23,7 +25,12 @@ class SamplingParams:
 
     Invariant: after construction every field is validated, so the engine never meets a bad value
     mid-batch. ``temperature == 0`` means greedy; ``top_k <= 0`` (or -1) and ``top_p == 1`` disable
-    those filters.
+    those filters. Penalties follow vLLM / OpenAI: ``presence_penalty`` and ``frequency_penalty`` (in
+    [-2, 2]) subtract from the logits of tokens already generated (once, and per occurrence);
+    ``repetition_penalty`` (> 0; 1 = off) divides positive and multiplies negative logits of tokens in
+    the prompt or the output; ``min_p`` drops tokens less likely than ``min_p`` times the top token;
+    ``logit_bias`` maps token ids to values in [-100, 100] added to their logits. All of them apply to
+    greedy requests too.
     """
 
     n: int = 1
@@ -39,6 +46,11 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +89,21 @@ class SamplingParams:
             raise InvalidArgument("stop_token_ids", f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, "
                                   f"got {len(ids)}")
         self.stop_token_ids = list(dict.fromkeys(ids))
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "a number in [-2, 2]")
+        rp = self.repetition_penalty
+        if not _is_number(rp) or not 0.0 < rp <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"a number in (0, {MAX_REPETITION_PENALTY:g}]")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "a number in [0, 1]")
+        bias = self.logit_bias if self.logit_bias is not None else {}
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS_ENTRIES or any(
+                not _is_int(k) or k < 0 or not _is_number(v) or not -100.0 <= v <= 100.0
+                for k, v in bias.items()):
+            raise bad("logit_bias", f"a map of at most {MAX_LOGIT_BIAS_ENTRIES} non-negative token ids to "
+                                    "numbers in [-100, 100]")
+        self.logit_bias = {k: float(v) for k, v in bias.items()} or None
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a boolean")
@@ -84,6 +111,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def penalized(self) -> bool:
+        """True if sampling depends on the tokens seen so far (the sampler then needs them)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def stop_strings(self) -> list[str]:

@@ -43,8 +43,8 @@ def engine(llm):
 
 
 @pytest.fixture(scope="session")
-def hf_reference(llm):
-    """HF transformers' own greedy continuation of each prompt (manual argmax loop, no processors)."""
+def hf_model():
+    """HF transformers' model loaded from the same GGUF file (float32)."""
     from transformers import AutoModelForCausalLM
 
     from sarathi.model.loader import default_model_path
@@ -53,6 +53,13 @@ def hf_reference(llm):
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
     model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_reference(llm, hf_model):
+    """HF transformers' own greedy continuation of each prompt (manual argmax loop, no processors)."""
+    model = hf_model
     tok = llm.get_tokenizer()
     refs = []
     for prompt in PROMPTS:
@@ -61,12 +68,16 @@ def hf_reference(llm):
     return refs
 
 
-def hf_greedy(model, ids: list[int], num_new: int) -> list[int]:
+def hf_greedy(model, ids: list[int], num_new: int, processor=None) -> list[int]:
+    """Greedy tokens; ``processor`` (a transformers LogitsProcessor) edits the scores first."""
     out: list[int] = []
     with torch.inference_mode():
         res = model(torch.tensor([ids]), use_cache=True)
         for _ in range(num_new):
-            tok = int(res.logits[0, -1].argmax())
+            scores = res.logits[:, -1].float()
+            if processor is not None:
+                scores = processor(torch.tensor([ids + out]), scores)
+            tok = int(scores[0].argmax())
             out.append(tok)
             res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
     return out

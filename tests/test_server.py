@@ -187,6 +187,23 @@ def test_prompt_forms_n_echo_logprobs(server, llm):
         assert s.status_code == 200 and s.json()["usage"]["completion_tokens"] == 5
 
 
+def test_penalties_and_logit_bias_through_openai_client(server, llm):
+    """OpenAI's penalty fields and vLLM's extras reach the sampler (no longer refused, never ignored)."""
+    client = server.openai()
+    model, counting = "SmolLM2-135M-Instruct", "1, 2, 1, 2, 1, 2,"
+    forced = llm.engine.tokenizer.encode(" banana")[0]
+    out = client.completions.create(model=model, prompt="My favourite fruit is", max_tokens=4, temperature=0,
+                                    logit_bias={str(forced): 100})
+    assert out.choices[0].text == " banana" * 4
+    plain = client.completions.create(model=model, prompt=counting, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    penalized = client.completions.create(
+        model=model, prompt=counting, max_tokens=12, temperature=0, frequency_penalty=2.0,
+        presence_penalty=1.0, extra_body={"ignore_eos": True, "repetition_penalty": 1.2, "min_p": 0.1})
+    assert penalized.choices[0].text != plain.choices[0].text
+    assert penalized.usage.completion_tokens == 12
+
+
 def test_32_concurrent_streams(server, reference):
     from openai import AsyncOpenAI
 

@@ -42,6 +42,8 @@ class InputProcessor:
             raise InvalidArgument("prompt", f"prompt: token ids must be integers in [0, {vocab})")
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidArgument("stop_token_ids", f"stop_token_ids: token ids must be in [0, {vocab})")
+        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
+            raise InvalidArgument("logit_bias", f"logit_bias: token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise InvalidArgument("prompt", f"prompt: {len(ids)} tokens, but the model's context "
                                             f"(max_model_len) is {self.max_model_len} and at least one "

@@ -31,6 +31,7 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], generator: torch.Gen
         banned = [t for t in sp.banned if t < vocab]
         if banned:
             logits[i, torch.tensor(banned, device=dev)] = float("-inf")
+        _bias_and_penalize(logits, i, sp)
     greedy = torch.tensor([sp.greedy for sp in specs], device=dev)
     chosen = logits.argmax(dim=-1)
     if not bool(greedy.all()):
@@ -59,10 +60,36 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], generator: torch.Gen
     return SamplerOutput(token_ids, lps)
 
 
+def _bias_and_penalize(logits: torch.Tensor, i: int, sp: SamplingSpec) -> None:
+    """logit_bias, then repetition / frequency / presence penalties, on row ``i`` (in place). A per-row
+    loop: rows without any of these (the usual case) cost one attribute check each."""
+    if not (sp.logit_bias or sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty):
+        return
+    vocab, dev = logits.shape[1], logits.device
+    row = logits[i]
+    if sp.logit_bias:
+        pairs = [(t, b) for t, b in sp.logit_bias if t < vocab]
+        if pairs:
+            ids = torch.tensor([t for t, _ in pairs], device=dev)
+            row[ids] += torch.tensor([b for _, b in pairs], device=dev, dtype=row.dtype)
+    if sp.repetition_penalty != 1.0:
+        seen = [t for t in (*sp.prompt_token_ids, *sp.output_token_ids) if t < vocab]
+        if seen:
+            ids = torch.tensor(seen, device=dev)
+            vals = row[ids]
+            row[ids] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
+    if (sp.frequency_penalty or sp.presence_penalty) and sp.output_token_ids:
+        out = torch.tensor([t for t in sp.output_token_ids if t < vocab], device=dev, dtype=torch.long)
+        counts = torch.bincount(out, minlength=vocab)[:vocab].to(row.dtype)
+        row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(row.dtype)
+
+
 def _filter_top_k_top_p(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+    """top-k, then top-p and min-p on the (temperature-scaled) logits of every row."""
     top_k = [sp.top_k if sp.top_k > 0 else 0 for sp in specs]
     top_p = [sp.top_p for sp in specs]
-    if not any(top_k) and all(p >= 1.0 for p in top_p):
+    min_p = [sp.min_p for sp in specs]
+    if not any(top_k) and all(p >= 1.0 for p in top_p) and not any(min_p):
         return logits
     dev = logits.device
     vocab = logits.shape[-1]
@@ -74,6 +101,8 @@ def _filter_top_k_top_p(logits: torch.Tensor, specs: list[SamplingSpec]) -> torc
     probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
     # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
     remove |= (probs.cumsum(-1) - probs) >= ps[:, None]
+    if any(min_p):  # drop tokens less likely than min_p x the top token's probability
+        remove |= probs < torch.tensor(min_p, device=dev, dtype=probs.dtype)[:, None] * probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 

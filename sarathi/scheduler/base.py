@@ -178,8 +178,13 @@ class Scheduler(ABC):
         banned: tuple[int, ...] = ()
         if p.min_tokens and req.num_output_tokens < p.min_tokens:
             banned = (*p.stop_token_ids, *(() if p.ignore_eos else self.config.eos_token_ids))
-        return SamplingSpec(p.temperature, p.top_p, p.top_k, p.seed, req.num_output_tokens, p.logprobs,
-                            banned)
+        penalized = p.penalized
+        return SamplingSpec(
+            p.temperature, p.top_p, p.top_k, p.seed, req.num_output_tokens, p.logprobs, banned,
+            p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p,
+            tuple(p.logit_bias.items()) if p.logit_bias else (),
+            tuple(req.prompt_token_ids) if p.repetition_penalty != 1.0 else (),
+            tuple(req.output_token_ids) if penalized else ())
 
     def update_from_output(self, plan: StepPlan, output: ModelOutput) -> list[SeqUpdate]:
         """Apply ``output`` of ``plan``: append tokens, stop what must stop, release what finished."""

@@ -17,7 +17,8 @@ class SamplingSpec:
 
     ``position`` is the index of the output token being sampled (seeded noise depends only on
     (seed, position), so a retried step draws the same noise); ``banned`` are token ids that may not be
-    sampled yet (EOS and stop ids while ``min_tokens`` is not reached).
+    sampled yet (EOS and stop ids while ``min_tokens`` is not reached). ``output_token_ids`` (and, for
+    ``repetition_penalty``, ``prompt_token_ids``) are filled only when a penalty needs them.
     """
 
     temperature: float = 0.0
@@ -27,6 +28,13 @@ class SamplingSpec:
     position: int = 0
     logprobs: int | None = None
     banned: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_token_ids: tuple[int, ...] = ()
+    output_token_ids: tuple[int, ...] = ()
 
     @property
     def greedy(self) -> bool:

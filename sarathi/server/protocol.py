@@ -59,6 +59,8 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     # vLLM's extra sampling fields
     top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -66,11 +68,6 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
 
     def check_unsupported(self) -> None:
-        if self.presence_penalty or self.frequency_penalty:
-            raise InvalidArgument("presence_penalty",
-                                  "presence_penalty: presence/frequency penalties are not supported (use 0)")
-        if self.logit_bias:
-            raise InvalidArgument("logit_bias", "logit_bias: not supported")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("stream_options", "stream_options: only allowed when stream is true")
 
@@ -82,8 +79,21 @@ class _SamplingFields(BaseModel):
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens,
+            skip_special_tokens=self.skip_special_tokens, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            min_p=self.min_p, logit_bias=self._logit_bias(),
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI sends token ids as JSON object keys (strings)."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for k, v in self.logit_bias.items():
+            if not k.isascii() or not k.isdigit() or len(k) > 12:
+                raise InvalidArgument("logit_bias", f"logit_bias: keys must be token ids, got {k!r}")
+            out[int(k)] = v
+        return out
 
     @property
     def include_usage(self) -> bool:

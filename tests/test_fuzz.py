@@ -430,6 +430,26 @@ def test_raw_chat_bodies(server, client, body):
     check(server, client, "POST", "/v1/chat/completions", body)
 
 
+TOKEN_ROUTE_BODIES = [
+    ("tokenize", b'{"prompt": "Hello"}'), ("tokenize-none", b"{}"), ("tokenize-both", b'{"prompt": "x", '
+    b'"messages": [{"role": "user", "content": "x"}]}'), ("tokenize-surrogate", b'{"prompt": "\\ud800"}'),
+    ("tokenize-deep", b"[" * 10_000 + b"]" * 10_000), ("tokenize-bad-role", b'{"messages": [{"role": "x"}]}'),
+    ("tokenize-long", b'{"prompt": "' + b"a " * 1_000_000 + b'"}'),
+    ("detokenize", b'{"tokens": [1, 2, 3]}'), ("detokenize-oov", b'{"tokens": [49152]}'),
+    ("detokenize-neg", b'{"tokens": [-1]}'), ("detokenize-huge", b'{"tokens": [18446744073709551616]}'),
+    ("detokenize-floats", b'{"tokens": [1.5]}'), ("detokenize-null", b'{"tokens": null}'),
+]
+
+
+@pytest.mark.parametrize("body", [b for _, b in TOKEN_ROUTE_BODIES], ids=[n for n, _ in TOKEN_ROUTE_BODIES])
+def test_token_route_bodies(server, client, body):
+    path = "/detokenize" if body.startswith(b'{"tokens') else "/tokenize"
+    status, ctype, raw = exchange(client, "POST", path, body)
+    assert_no_server_error(status, ctype, raw, completion=False)
+    if status == 200:
+        assert "tokens" in json.loads(raw) or "prompt" in json.loads(raw)
+
+
 @pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
                                    "application/json; charset=latin-1", ""])
 @pytest.mark.parametrize("path,body", [("/v1/completions", OK_BODY), ("/v1/chat/completions", CHAT_OK)],

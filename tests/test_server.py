@@ -204,6 +204,27 @@ def test_penalties_and_logit_bias_through_openai_client(server, llm):
     assert penalized.usage.completion_tokens == 12
 
 
+def test_utility_routes(server, llm):
+    tok = llm.engine.tokenizer
+    with server.client() as c:
+        assert c.get("/ping").status_code == 200 and c.post("/ping").status_code == 200
+        from sarathi import __version__
+
+        assert c.get("/version").json() == {"version": __version__}
+        t = c.post("/tokenize", json={"prompt": "The sky is blue"}).json()
+        assert t["tokens"] == tok.encode("The sky is blue") and t["count"] == len(t["tokens"])
+        assert t["max_model_len"] == llm.engine.max_model_len
+        chat = c.post("/tokenize", json={"messages": CHAT}).json()
+        text = tok.apply_chat_template(CHAT)
+        assert chat["tokens"] == tok.encode(text, False)
+        assert c.post("/detokenize", json={"tokens": t["tokens"]}).json() == {"prompt": "The sky is blue"}
+        bad = c.post("/detokenize", json={"tokens": [10**9]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+        both = c.post("/tokenize", json={"prompt": "x", "messages": CHAT})
+        assert both.status_code == 400 and both.json()["error"]["param"] == "prompt"
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": "x"}).status_code == 401  # needs the key
+
+
 def test_32_concurrent_streams(server, reference):
     from openai import AsyncOpenAI
 

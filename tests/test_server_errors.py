@@ -32,7 +32,6 @@ COMPLETION_CASES = [
     ("negative-temperature", {**GOOD, "temperature": -0.5}, "temperature"),
     ("top-p-zero", {**GOOD, "top_p": 0}, "top_p"),
     ("top-p-over-one", {**GOOD, "top_p": 1.5}, "top_p"),
-    ("unknown-model", {**GOOD, "model": "gpt-4"}, "model"),
     ("token-id-out-of-vocab", {"prompt": [1, 10**9]}, "prompt"),
     ("n-zero", {**GOOD, "n": 0}, "n"),
     ("stop-empty-string", {**GOOD, "stop": [""]}, "stop"),
@@ -83,6 +82,14 @@ def test_bad_completion_request(server, body, param):
 @pytest.mark.parametrize("body,param", [c[1:] for c in CHAT_CASES], ids=[c[0] for c in CHAT_CASES])
 def test_bad_chat_request(server, body, param):
     _assert_error(_post(server, "/v1/chat/completions", body), 400, param)
+
+
+def test_unknown_model_is_404(server):
+    for path, body in [("/v1/completions", {**GOOD, "model": "gpt-4"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                 "model": "x"}),
+                       ("/tokenize", {"prompt": "hi", "model": "gpt-4"})]:
+        _assert_error(_post(server, path, body), 404, "model")
 
 
 def test_server_survives_bad_input(server, llm):

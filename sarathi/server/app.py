@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API: ``build_app(engine)`` returns a FastAPI app.
 
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /health``,
-``GET /metrics``, and ``/docs``, ``/redoc``, ``/openapi.json`` (behind the API key when one is set). Every
-error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``.
+``GET|POST /ping``, ``GET /version``, ``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``, and
+``/docs``, ``/redoc``, ``/openapi.json`` (behind the API key when one is set). Every error is an
+OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from sarathi import __version__
 from sarathi.engine import LLMEngine
 from sarathi.server.async_engine import AsyncLLMEngine, StreamBacklog
 from sarathi.server.intake import DEFAULT_MAX_BODY_BYTES, APIError
 from sarathi.server.metrics import CONTENT_TYPE
 from sarathi.server.serving import OpenAIServing, error_response
+from sarathi.server.tokens import TokenServing
 
 logger = logging.getLogger("sarathi.server")
 
@@ -59,7 +62,7 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, api_key: str | None = None,
     # FastAPI's own docs routes cannot check a key, so ours replace them. No slash redirects: a client
     # POSTing to "/v1/completions/" should learn its URL is wrong, not be bounced (and some clients
     # replay a redirected POST as a GET).
-    app = FastAPI(title="sarathi", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="sarathi", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None, redirect_slashes=False)
     app.state.async_engine = aeng
     app.state.serving = serving
@@ -94,6 +97,14 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, api_key: str | None = None,
         ok = aeng.is_running and aeng.accepting
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(aeng.metrics.render(), media_type=CONTENT_TYPE)
@@ -119,6 +130,18 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, api_key: str | None = None,
         card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "sarathi",
                 "root": aeng.engine.model_name, "max_model_len": aeng.engine.max_model_len}
         return {"object": "list", "data": [card]}
+
+    tokens = TokenServing(serving)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request) -> dict[str, Any]:
+        check_key(raw)
+        return await tokens.tokenize(raw)
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request) -> dict[str, Any]:
+        check_key(raw)
+        return await tokens.detokenize(raw)
 
     @app.post("/v1/completions")
     async def completions(raw: Request) -> Response:

@@ -113,15 +113,16 @@ class OpenAIServing:
         self.encoder = PromptEncoder(self.engine.tokenizer, self.engine.max_model_len)
 
     # ---- request preparation (in a worker thread) ------------------------------------------------
-    def _check_model(self, name: str | None) -> None:
+    def check_model(self, name: str | None) -> None:
+        """404 for a model we do not serve (as OpenAI and vLLM answer)."""
         if name is not None and name not in (self.model_name, self.engine.model_name):
-            raise APIError(400, f"model: the model {name!r} does not exist (serving {self.model_name!r})",
+            raise APIError(404, f"model: the model {name!r} does not exist (serving {self.model_name!r})",
                            "model")
 
     def _prepare(self, body: bytes, chat: bool) -> _Job:
         """Parse, validate and tokenize: linear in the body's size, so never on the event loop."""
         req = parse(body, P.ChatCompletionRequest if chat else P.CompletionRequest)
-        self._check_model(req.model)
+        self.check_model(req.model)
         tok, eng, enc = self.engine.tokenizer, self.engine, self.encoder
         rename = {"prompt": "messages"} if chat else {}
         try:

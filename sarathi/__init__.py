@@ -1,10 +1,36 @@
-"""sarathi: an LLM inference engine with SARATHI scheduling (chunked prefills, decode-maximal batches)."""
+"""sarathi: an LLM inference engine with SARATHI scheduling (chunked prefills, decode-maximal batches).
 
-from sarathi.config import EngineArgs
-from sarathi.engine import LLMEngine
-from sarathi.llm import LLM
-from sarathi.outputs import CompletionOutput, RequestOutput
-from sarathi.sampling_params import SamplingParams
+The public names load lazily (PEP 562), so ``import sarathi`` and ``sarathi --help`` do not import
+torch.
+"""
 
-__all__ = ["LLM", "CompletionOutput", "EngineArgs", "LLMEngine", "RequestOutput", "SamplingParams"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "LLM": "sarathi.llm",
+    "LLMEngine": "sarathi.engine",
+    "EngineArgs": "sarathi.config",
+    "SamplingParams": "sarathi.sampling_params",
+    "CompletionOutput": "sarathi.outputs",
+    "RequestOutput": "sarathi.outputs",
+}
+__all__ = ["LLM", "CompletionOutput", "EngineArgs", "LLMEngine", "RequestOutput", "SamplingParams",
+           "__version__"]
+
+if TYPE_CHECKING:
+    from sarathi.config import EngineArgs
+    from sarathi.engine import LLMEngine
+    from sarathi.llm import LLM
+    from sarathi.outputs import CompletionOutput, RequestOutput
+    from sarathi.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sarathi' has no attribute {name!r}")

@@ -41,7 +41,8 @@ class EngineArgs:
                               "16-bit (bfloat16 on CPU)",
                       choices=["auto", "float32", "bfloat16", "float16", "half", "float"])
     scheduler: str = _arg("sarathi", "scheduling policy: sarathi | vllm | orca | request_level")
-    executor: str = _arg("local", "where plans run: local (this process)")
+    executor: str = _arg("local", "where plans run: local (this process), pipeline (chosen by "
+                                            "--pipeline-parallel-size > 1), simulated (a cost model)")
     chunk_size: int | None = _arg(None, "sarathi: token budget per step (prompt chunk + decodes; "
                                         "policy default 512)")
     max_num_seqs: int = _arg(256, "most sequences in one step")
@@ -54,6 +55,13 @@ class EngineArgs:
     max_model_len: int | None = _arg(None, "context length cap (default: the model's)")
     seed: int = _arg(0, "seed of the noise of requests without a seed of their own")
     device: str = _arg("auto", "auto | cpu | cuda[:N]")
+    pipeline_parallel_size: int = _arg(1, "pipeline stages: the decoder layers are split into this many "
+                                          "contiguous stages, one process each (stage 0 in this process, "
+                                          "the others spawned on 127.0.0.1; gloo on CPU, NCCL on CUDA)")
+    pipeline_stages: str | None = _arg(None, "explicit layer split, comma-separated layers per stage, e.g. "
+                                             "'20,10' (default: even)")
+    pipeline_timeout: int = _arg(30, "seconds without an answer from the pipeline after which a rank is "
+                                     "declared dead or hung and the engine raises")
     threads: int | None = _arg(None, "torch CPU threads (default: all cores); use 1 when other processes "
                                      "are busy, since OpenMP threads waiting on a descheduled peer make "
                                      "small matmuls crawl")
@@ -83,6 +91,13 @@ class EngineArgs:
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise InvalidArgument("device", f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         self.kv_cache_bytes()
+        if self.pipeline_stages is not None:  # the sum is checked against the model's layers at load
+            parts = str(self.pipeline_stages).split(",")
+            pp = self.pipeline_parallel_size
+            if len(parts) != pp or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+                raise InvalidArgument("pipeline_stages",
+                                      f"pipeline_stages must be {pp} comma-separated positive layer counts, "
+                                      f"got {self.pipeline_stages!r}")
 
     @classmethod
     def field_metadata(cls, name: str) -> dict[str, Any]:

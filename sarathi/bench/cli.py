@@ -191,6 +191,13 @@ def add_bench_parser(sub: Any, handlers: dict[str, Handler]) -> None:
     soak.add_arguments(k)
     commands["soak"] = soak.run
 
+    from sarathi.bench import pipeline as pipe
+
+    pl = bsub.add_parser("pipeline", help="pipeline bubbles per policy: PP=2 (one thread per rank) vs PP=1, "
+                                          "traces and timeline plot")
+    pipe.add_arguments(pl)
+    commands["pipeline"] = pipe.run
+
     c = bsub.add_parser("compare", help="merge sarathi / peer / serve result JSONs into one table")
     c.add_argument("files", nargs="+")
     c.add_argument("--workload", default=None, help="only this sarathi workload name")

@@ -107,7 +107,9 @@ class LLMEngine:
         eos = [*cfg.eos_token_ids, *([self.tokenizer.eos_token_id]
                                      if self.tokenizer.eos_token_id is not None else [])]
         self.eos_token_ids = tuple(dict.fromkeys(eos))
-        self.executor = (executor_class or get_executor_class(args.executor))(args, cfg)
+        # --pipeline-parallel-size N > 1 with the default executor means the pipeline executor.
+        name = "pipeline" if args.pipeline_parallel_size > 1 and args.executor == "local" else args.executor
+        self.executor = (executor_class or get_executor_class(name))(args, cfg)
         self.dtype = getattr(self.executor, "dtype", None)
         self.input = InputProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len,
                                     lambda: self.kv.num_blocks * self.kv.block_size, clock)
@@ -116,7 +118,7 @@ class LLMEngine:
         self._in_flight: deque[_InFlight] = deque()
         self._build_runtime()
         logger.info("engine ready: %s, %s, %s executor, %d KV blocks x %d tokens, scheduler %s",
-                    self.model_name, self.dtype, args.executor, self.kv.num_blocks, args.block_size,
+                    self.model_name, self.dtype, self.executor.name, self.kv.num_blocks, args.block_size,
                     args.scheduler)
 
     def _build_runtime(self) -> None:

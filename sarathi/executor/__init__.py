@@ -10,6 +10,7 @@ from sarathi.executor.base import Executor
 # name -> "module:Class"; the pipeline-parallel and simulated executors register here too.
 EXECUTORS: dict[str, str] = {
     "local": "sarathi.executor.local:LocalExecutor",
+    "pipeline": "sarathi.executor.pipeline:PipelineExecutor",
     "simulated": "sarathi.executor.simulated:SimulatedExecutor",
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sarathi.scheduler.plan import ModelOutput, StepPlan
 
@@ -57,6 +57,10 @@ class Executor(ABC):
         except Exception as e:  # delivered to whoever collects the output
             fut.set_exception(e)
         return fut
+
+    def bubble_report(self) -> dict[str, Any] | None:
+        """Pipeline executors: per-stage busy/idle seconds and bubble fractions (see pipeline.py)."""
+        return None
 
     def reseed(self, seed: int) -> None:
         """Restart the noise of requests that have no seed of their own (on reconfigure)."""

@@ -102,15 +102,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LlamaForCausalLM(nn.Module):
-    """Token-flattened causal LM. ``forward`` returns float32 logits only for ``logits_indices``."""
+    """Token-flattened causal LM. ``forward`` returns float32 logits only for ``logits_indices``.
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    ``layers=(start, end)`` builds one pipeline stage: only decoder layers ``start..end-1`` (held as
+    local layers 0..end-start-1), the embedding only on the first stage, the final norm and LM head
+    only on the last, so a stage allocates nothing it does not run.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, layers: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.start, self.end = layers or (0, cfg.num_hidden_layers)
+        self.is_first = self.start == 0
+        self.is_last = self.end == cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(self.end - self.start))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size)) if self.is_last else None
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
         self.rope = RotaryEmbedding(cfg, max_positions)
 
     @torch.inference_mode()
@@ -121,11 +129,20 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         logits_indices: torch.Tensor,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        """Logits of the ``logits_indices`` rows; a stage that is not the last returns its hidden states
+        ([T, hidden]) instead, and a stage that is not the first starts from ``hidden``."""
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(input_ids)
+        else:
+            assert hidden is not None, "a stage after the first needs the previous stage's hidden states"
+            x = hidden
         rope = self.rope.tables(positions)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, rope, meta, cache)
+        if self.lm_head is None or self.norm is None:
+            return x
         # The LM head is the largest single matmul of a small model: run it only on the tokens we
         # sample from (last token of each finished chunk and each decode), not on every prompt token.
         x = rms_norm(x[logits_indices], self.norm, self.cfg.rms_norm_eps)

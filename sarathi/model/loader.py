@@ -11,7 +11,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -154,7 +154,7 @@ _GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weig
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def _hf_tensors(src: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(src: ModelSource, want: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(src.path, "*.safetensors")))
@@ -164,14 +164,16 @@ def _hf_tensors(src: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    if want(key):  # a pipeline stage reads only its own layers from disk
+                        yield key, f.get_tensor(key)
         except ValueError:
             raise
         except Exception as e:  # safetensors raises its own error types on corrupt files
             raise ValueError(f"model: cannot read checkpoint file {path}: {e}") from None
 
 
-def _gguf_tensors(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(src: ModelSource, cfg: ModelConfig,
+                  want: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf.quants import dequantize
 
     permute = src.gguf_meta.get("general.architecture") == "llama"
@@ -184,6 +186,8 @@ def _gguf_tensors(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, tor
         elif t.name in _GGUF_TOP:
             name = _GGUF_TOP[t.name]
         else:
+            continue
+        if not want(name):  # another pipeline stage's tensor: do not even dequantize it
             continue
         try:
             arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32, order="C")
@@ -199,16 +203,31 @@ def _gguf_tensors(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, tor
 
 
 def load_model(
-    src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int
+    src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int,
+    layers: tuple[int, int] | None = None,
 ) -> LlamaForCausalLM:
-    """Build the model with its weights in ``dtype`` on ``device``; raise ValueError on any gap."""
+    """Build the model with its weights in ``dtype`` on ``device``; raise ValueError on any gap.
+
+    ``layers=(start, end)`` loads one pipeline stage: decoder layers ``start..end-1`` renumbered from 0,
+    the embedding on the first stage, the final norm and LM head on the last (a tied LM head reads the
+    embedding matrix there too); other tensors are never read."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions)
+        model = LlamaForCausalLM(cfg, max_positions, layers)
+    first, last = model.is_first, model.is_last
+
+    def want(name: str) -> bool:
+        m = _LAYER_RE.match(name)
+        if m:
+            return model.start <= int(m.group(1)) < model.end
+        if name == "model.embed_tokens.weight":
+            return first or (last and cfg.tie_word_embeddings)
+        return last or name not in ("model.norm.weight", "lm_head.weight")
+
     shapes = {k: v.shape for k, v in model.state_dict().items()
               if not k.startswith("rope.") and not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     parts: dict[str, dict[int, torch.Tensor]] = {}
     state: dict[str, torch.Tensor] = {}
-    tensors = _gguf_tensors(src, cfg) if src.kind == "gguf" else _hf_tensors(src)
+    tensors = _gguf_tensors(src, cfg, want) if src.kind == "gguf" else _hf_tensors(src, want)
     total = len(src.gguf_reader.tensors) if src.kind == "gguf" else None
     for name, w in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", leave=False):
         w = w.to(device=device, dtype=dtype)
@@ -217,7 +236,7 @@ def load_model(
             mapped = _HF_LAYER.get(m.group(2))
             if mapped is None:
                 continue  # e.g. rotary_emb.inv_freq in old checkpoints
-            ours, part = f"layers.{m.group(1)}.{mapped[0]}", mapped[1]
+            ours, part = f"layers.{int(m.group(1)) - model.start}.{mapped[0]}", mapped[1]
             if part is None:
                 state[ours] = w
             else:
@@ -230,6 +249,8 @@ def load_model(
             state["lm_head.weight"] = w
     for ours, pieces in parts.items():
         state[ours] = torch.cat([pieces[i] for i in sorted(pieces)], dim=0)
+    # A last stage that is not the first reads the embedding only as its tied LM head.
+    tied = state.get("embed_tokens.weight") if first else state.pop("embed_tokens.weight", None)
     missing = sorted(shapes.keys() - state.keys())
     if missing:
         raise ValueError(f"model: checkpoint {src.path} lacks weights: {missing[:5]}"
@@ -238,8 +259,8 @@ def load_model(
         want = shapes[key]
         if w.shape != want:
             raise ValueError(f"model: weight {key} has shape {tuple(w.shape)}, expected {tuple(want)}")
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]  # shared storage, not a copy
+    if cfg.tie_word_embeddings and last and tied is not None:
+        state["lm_head.weight"] = tied  # shared storage, not a copy
     model.load_state_dict(state, strict=False, assign=True)
     model.rope = model.rope.__class__(cfg, max_positions).to(device)
     pack_for_cpu(model)

@@ -256,7 +256,11 @@ class AsyncLLMEngine:
                 self._step()
             except Exception:  # anything but a failed model step: fail what is in flight, go on
                 logger.exception("engine loop error; failing all in-flight requests")
-                self._abort_all(RequestFailedError("internal engine error"), "error")
+                try:
+                    self._abort_all(RequestFailedError("internal engine error"), "error")
+                except Exception:  # the handler must not kill the loop (e.g. a broken metrics hook)
+                    logger.exception("could not fail the in-flight requests cleanly")
+                    time.sleep(0.1)  # no hot loop if the failure repeats
         logger.info("engine loop stopped")
 
     def _drain_inbox(self) -> None:
@@ -343,3 +347,6 @@ class AsyncLLMEngine:
         eng = self.engine
         self.metrics.record_state(eng.scheduler.num_running, eng.scheduler.num_waiting, eng.kv.usage,
                                   eng.kv.num_free_blocks)
+        report = eng.executor.bubble_report()
+        if report is not None:
+            self.metrics.record_pipeline(report)

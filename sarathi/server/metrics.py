@@ -66,6 +66,11 @@ class ServerMetrics:
         self.waiting = gauge("sarathi_num_requests_waiting", "Sequences waiting to be scheduled")
         self.kv_usage = gauge("sarathi_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)")
         self.kv_free_blocks = gauge("sarathi_kv_cache_free_blocks", "Free KV-cache blocks")
+        self.pipeline_bubble = Gauge("sarathi_pipeline_bubble_fraction", "Per pipeline stage: idle time / "
+                                     "wall time while micro-batches were in flight", [*labels, "stage"],
+                                     registry=r)
+        self.pipeline_bubble_s = gauge("sarathi_pipeline_bubble_seconds", "Idle stage-seconds of the "
+                                       "pipeline while micro-batches were in flight (all stages)")
 
     # ---- updates (engine thread) --------------------------------------------------------------
     def record_step(self, num_prompt: int, num_decode: int, num_preempted: int, duration: float,
@@ -88,6 +93,11 @@ class ServerMetrics:
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
         self.kv_free_blocks.set(kv_free)
+
+    def record_pipeline(self, report: dict) -> None:
+        for st in report["stages"]:
+            self.pipeline_bubble.labels(self.model_name, str(st["stage"])).set(st["bubble_fraction"])
+        self.pipeline_bubble_s.set(report["bubble_s"])
 
     def record_finished(self, reasons: list[str], m: RequestMetrics | None, now: float) -> None:
         for reason in reasons:

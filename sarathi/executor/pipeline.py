@@ -1,0 +1,597 @@
+"""Pipeline parallelism: the decoder layers split into N contiguous stages, one process (rank) each.
+
+Rank 0 is the engine's own process: it schedules, runs stage 0 (embeddings + its layers) inside
+``submit`` and receives the sampled tokens. Ranks 1..N-1 are worker processes started here
+(``python -m sarathi.executor.pipeline_worker``, on 127.0.0.1 only) that loop: receive a message from
+the previous rank, run their layers, pass it on; the last rank also holds the final norm, LM head and
+sampler and sends the ``ModelOutput`` back to rank 0. All traffic is torch.distributed point-to-point
+(gloo on CPU, NCCL on CUDA): a small int64 header, then the activations, then the pickled plan (plain
+data), so every rank builds the same attention metadata from the same plan.
+
+Why rank 0 is a stage and not a separate driver: the engine thread computes stage 0 of micro-batch
+i+1 while stage 1 computes micro-batch i, so one process per stage is enough and nothing waits on a
+thread handoff. Nothing blocks on a send (all sends are ``isend``; their buffers are kept until done),
+so the only blocking calls are receives: workers wait for their predecessor, rank 0 for the last rank.
+A receive on rank 0 gives up after ``pipeline_timeout`` seconds (a hung rank) or as soon as a peer's
+socket closes (a dead rank); the executor is then broken and every later call raises ``PipelineError``.
+Workers wait for rank 0 without a deadline, and exit when its connection closes.
+
+Every plan submitted produces exactly one message back from the last rank, in order, even when a
+stage fails on it (the failure travels down the pipeline in place of the activations), so outputs are
+matched to plans by order alone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from sarathi.executor.base import Executor
+from sarathi.executor.local import LocalExecutor, _long
+from sarathi.model.sampler import sample
+from sarathi.scheduler.plan import ModelOutput, SampledToken, StepPlan
+
+if TYPE_CHECKING:
+    from sarathi.config import EngineArgs
+    from sarathi.model.config import ModelConfig
+
+logger = logging.getLogger("sarathi")
+
+# Message kinds (first header field). Control messages run down the chain like plans, so they are
+# ordered with respect to the plans around them without any acknowledgement.
+PLAN, INIT_KV, RESEED, SHUTDOWN, OUTPUT = 1, 2, 3, 4, 5
+_WORKER_WAIT = datetime.timedelta(days=7)  # a worker waits for the next plan as long as the engine idles
+
+
+class PipelineError(RuntimeError):
+    """A pipeline rank died, hung or could not start; the executor cannot run plans any more."""
+
+
+def stage_ranges(num_layers: int, pp: int, split: str | None = None) -> list[tuple[int, int]]:
+    """[start, end) decoder layers of each stage: ``split`` ("20,10": layers per stage) or even, with
+    the first stages one layer longer when the division is not exact."""
+    if split:
+        try:
+            counts = [int(x) for x in split.split(",")]
+        except ValueError:
+            raise ValueError(f"pipeline_stages: expected comma-separated integers, got {split!r}") from None
+        if len(counts) != pp or sum(counts) != num_layers or min(counts) < 1:
+            raise ValueError(f"pipeline_stages: {split!r} must be {pp} positive layer counts summing to "
+                             f"the model's {num_layers} layers")
+    else:
+        if not 1 <= pp <= num_layers:
+            raise ValueError(f"pipeline_parallel_size: {pp} stages for {num_layers} layers")
+        counts = [num_layers // pp + (1 if i < num_layers % pp else 0) for i in range(pp)]
+    out, start = [], 0
+    for c in counts:
+        out.append((start, start + c))
+        start += c
+    return out
+
+
+@dataclass
+class StageTiming:
+    """What one stage did for one micro-batch: perf_counter intervals (one clock for all processes of
+    one host: CLOCK_MONOTONIC), communication (receiving the input, issuing the sends) apart from
+    compute."""
+
+    stage: int
+    step_id: int
+    num_prompt_tokens: int
+    num_decode_tokens: int
+    recv: tuple[float, float] | None  # from the header's arrival to the last byte of the input
+    compute: tuple[float, float]
+    send: tuple[float, float] = (0.0, 0.0)
+
+
+@dataclass
+class StageStats:
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    micro_batches: int = 0
+
+
+@dataclass
+class BubbleStats:
+    """Per-stage busy time against the wall time during which the pipeline had work in flight."""
+
+    stages: list[StageStats]
+    pending_s: float = 0.0  # wall time with at least one plan in flight
+    recent: deque[StageTiming] = field(default_factory=lambda: deque(maxlen=100_000))
+
+    def report(self) -> dict[str, Any]:
+        per_stage = []
+        for i, s in enumerate(self.stages):
+            idle = max(0.0, self.pending_s - s.compute_s - s.comm_s)
+            per_stage.append({"stage": i, "compute_s": s.compute_s, "comm_s": s.comm_s, "idle_s": idle,
+                              "micro_batches": s.micro_batches,
+                              "bubble_fraction": idle / self.pending_s if self.pending_s else 0.0})
+        return {"pending_s": self.pending_s, "bubble_s": sum(p["idle_s"] for p in per_stage),
+                "stages": per_stage}
+
+
+class _StageRunner(LocalExecutor):
+    """One stage's layers and KV cache; reuses the local executor's plan flattening so every rank
+    derives identical positions, slots and attention metadata from the same plan."""
+
+    name = "stage"
+
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, layers: tuple[int, int],
+                 device: torch.device) -> None:
+        from sarathi.model.loader import load_model, resolve_model
+
+        Executor.__init__(self, args, model_config)
+        self.layers = layers
+        self.device = device
+        self.dtype = args.torch_dtype(model_config.torch_dtype)
+        self.model = load_model(resolve_model(args.model), model_config, self.dtype, device,
+                                args.resolved_max_model_len(model_config), layers)
+        self.kv_caches = []
+        self.block_size = args.block_size
+        self.generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        cfg = self.model_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        n = self.layers[1] - self.layers[0]
+        return 2 * n * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        cfg = self.model_config
+        self.kv_caches = []
+        self.block_size = block_size
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.layers[1] - self.layers[0])
+        ]
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor | ModelOutput:
+        """This stage's part of ``plan``: hidden states for the next stage, or (last stage) the output."""
+        seqs = sorted(plan.seqs, key=lambda s: s.num_tokens > 1)  # the local executor's order
+        input_ids, positions, slots, sample_rows, samplers = self._flatten(seqs)
+        meta = self._metadata(seqs, slots)
+        dev = self.device
+        if hidden is not None:
+            hidden = hidden.to(dev)
+        x = self.model(_long(input_ids, dev), _long(positions, dev), meta, self.kv_caches,
+                       _long(sample_rows, dev), hidden)
+        if not self.model.is_last:
+            return x
+        out = ModelOutput(plan.step_id)
+        if samplers:
+            res = sample(x, [s.sample for s in samplers], self.generator)  # type: ignore[misc]
+            out.sampled = {s.req_id: SampledToken(t, lp)
+                           for s, t, lp in zip(samplers, res.token_ids, res.logprobs)}
+        return out
+
+    def execute(self, plan: StepPlan) -> ModelOutput:  # pragma: no cover - stages use run()
+        raise NotImplementedError
+
+
+class _Link:
+    """Point-to-point messages over one process group: header [kind, rows, bytes], activations
+    ([rows, hidden]), pickled object.
+
+    A send is issued at once and not waited for; its buffer is kept alive until ``window`` later
+    messages have been sent. gloo only marks a send complete inside ``wait()``, so the old ones are
+    waited for then: rank 0 holds at most N plans in flight and submits plan m + N only after plan m's
+    output came back through every rank, so a message 2N + 2 sends old has long been received and the
+    wait returns at once (it can never wait on a peer that waits on us)."""
+
+    def __init__(self, pg: Any, hidden: int, dtype: torch.dtype, device: torch.device, window: int) -> None:
+        self.pg, self.hidden, self.dtype, self.device = pg, hidden, dtype, device
+        self.window = window
+        self._sends: deque[list[tuple[Any, torch.Tensor]]] = deque()
+
+    def send(self, dst: int, kind: int, act: torch.Tensor | None, obj: Any) -> None:
+        while len(self._sends) >= self.window:
+            for w, _ in self._sends.popleft():
+                w.wait()
+        blob = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(self.device)
+        rows = 0 if act is None else act.shape[0]
+        header = torch.tensor([kind, rows, blob.numel()], dtype=torch.long, device=self.device)
+        tensors = [header] + ([act.to(self.device, self.dtype).contiguous()] if rows else []) + [blob]
+        self._sends.append([(self.pg.send([t], dst, 0), t) for t in tensors])
+
+    def recv(self, src: int) -> tuple[int, torch.Tensor | None, Any, float]:
+        """Blocks for the next message from ``src``; returns it with the time its header arrived."""
+        header = torch.empty(3, dtype=torch.long, device=self.device)
+        self.pg.recv([header], src, 0).wait()
+        t_header = time.perf_counter()
+        kind, rows, nbytes = (int(v) for v in header.tolist())
+        act = None
+        if rows:
+            act = torch.empty(rows, self.hidden, dtype=self.dtype, device=self.device)
+            self.pg.recv([act], src, 0).wait()
+        blob = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.pg.recv([blob], src, 0).wait()
+        return kind, act, pickle.loads(blob.cpu().numpy().tobytes()), t_header
+
+    def flush(self) -> None:
+        """Wait for every send in progress (raises if the peer is gone)."""
+        while self._sends:
+            for w, _ in self._sends.popleft():
+                w.wait()
+
+
+def make_group(backend: str, store: Any, rank: int, world: int, timeout: datetime.timedelta) -> Any:
+    """A process group of its own (not torch.distributed's global default), so several engines can
+    live in one process; gloo is bound to the loopback interface."""
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        # Loopback for spawned ranks and a loopback torchrun; across hosts, the interface that
+        # resolves to this host's name (GLOO_SOCKET_IFNAME overrides, as usual for gloo).
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        local = addr in ("127.0.0.1", "localhost") or "TORCHELASTIC_RUN_ID" not in os.environ
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1") if local
+                         else dist.ProcessGroupGloo.create_default_device()]
+        opts._timeout = timeout
+        return dist.ProcessGroupGloo(store, rank, world, opts)
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, world, opts)
+
+
+def _stage_device(args: EngineArgs, rank: int) -> torch.device:
+    dev = args.torch_device()
+    if dev.type == "cuda" and dev.index is None:  # one GPU per stage when the host has several
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        dev = torch.device("cuda", local % max(1, torch.cuda.device_count()))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL binds a rank's communicator to the current device
+    return dev
+
+
+class _PlanFuture(Future):  # type: ignore[type-arg]
+    """Resolved lazily: ``result()`` receives outputs from the last rank, in order, until its own."""
+
+    def __init__(self, executor: PipelineExecutor) -> None:
+        super().__init__()
+        self._executor = executor
+
+    def result(self, timeout: float | None = None) -> ModelOutput:
+        while not self.done():
+            self._executor._collect_one()
+        return super().result(timeout)
+
+
+class PipelineExecutor(Executor):
+    """Rank 0 of an N-stage pipeline, behind the ``Executor`` interface; holds up to N plans."""
+
+    name = "pipeline"
+
+    def __init__(self, args: EngineArgs, model_config: ModelConfig) -> None:
+        super().__init__(args, model_config)
+        pp = args.pipeline_parallel_size
+        try:
+            self.ranges = stage_ranges(model_config.num_hidden_layers, pp, args.pipeline_stages)
+        except ValueError as e:
+            from sarathi.errors import InvalidArgument
+
+            field_name = "pipeline_stages" if args.pipeline_stages else "pipeline_parallel_size"
+            raise InvalidArgument(field_name, str(e)) from None
+        self.max_in_flight = pp
+        self.world = pp
+        self.timeout = float(args.pipeline_timeout)
+        self.device = _stage_device(args, 0)
+        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        # (step id, future, stage 0's timing) per plan in flight, oldest first
+        self._pending: deque[tuple[int, _PlanFuture, StageTiming]] = deque()
+        self._broken: str | None = None
+        self._closed = False
+        self.stats = BubbleStats([StageStats() for _ in range(pp)])
+        self._pending_since: float | None = None
+        launched = _torchrun_env()
+        if launched is not None:  # torchrun started every rank with this same command
+            rank, world = launched
+            if world != pp:
+                raise PipelineError(f"pipeline: torchrun started {world} ranks for "
+                                    f"pipeline_parallel_size {pp}")
+            store = _torchrun_store(rank, world)
+            if rank != 0:  # a stage, not the engine: serve the pipeline until rank 0 shuts it down
+                worker_main(rank, world, store, args, model_config, self.ranges)
+                raise SystemExit(0)
+        else:
+            store = dist.TCPStore("127.0.0.1", 0, pp, True, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=max(60, self.timeout)))
+        self.store = store
+        try:
+            for rank in range(1, pp if launched is None else 1):
+                self.procs.append(self._spawn(rank, store.port))
+            self.stage = _StageRunner(args, model_config, self.ranges[0], self.device)
+            self.dtype = self.stage.dtype
+            self.pg = make_group(self.backend, store, 0, pp, datetime.timedelta(seconds=self.timeout))
+            link_dev = self.device if self.backend == "nccl" else torch.device("cpu")
+            self.link = _Link(self.pg, model_config.hidden_size, self.dtype, link_dev, 2 * pp + 2)
+            self._wait_ready(store)
+        except Exception as e:
+            self._kill_workers()
+            if isinstance(e, PipelineError):
+                raise
+            raise PipelineError(f"pipeline: could not start {pp} stages: {e}{self._rank_report()}") from e
+        atexit.register(self.shutdown)
+        logger.info("pipeline: %d stages over layers %s (%s)", pp, self.ranges, self.backend)
+
+    # ---- start-up ---------------------------------------------------------------------------
+    def _spawn(self, rank: int, port: int) -> subprocess.Popen[bytes]:
+        """A worker process running ``pipeline_worker`` (not multiprocessing: a user's script without a
+        ``__main__`` guard is then not imported again in every rank)."""
+        env = dict(os.environ, SARATHI_PP_RANK=str(rank), SARATHI_PP_WORLD=str(self.world),
+                   SARATHI_PP_PORT=str(port))
+        proc = subprocess.Popen([sys.executable, "-m", "sarathi.executor.pipeline_worker"],
+                                stdin=subprocess.PIPE, env=env)
+        assert proc.stdin is not None
+        proc.stdin.write(pickle.dumps((self.args, self.model_config, self.ranges)))
+        proc.stdin.close()
+        return proc
+
+    def _wait_ready(self, store: Any) -> None:
+        """Every worker sets ``ready/<rank>`` once its layers are loaded (or an error text)."""
+        deadline = time.monotonic() + max(300.0, self.timeout)  # loading a big checkpoint takes a while
+        for rank in range(1, self.world):
+            key = f"ready/{rank}"
+            while not store.check([key]):
+                gone = bool(self.procs) and self.procs[rank - 1].poll() is not None
+                if gone or time.monotonic() > deadline:
+                    raise PipelineError(f"pipeline: rank {rank} did not start{self._rank_report()}")
+                time.sleep(0.02)
+            msg = store.get(key)
+            msg = msg.decode() if isinstance(msg, bytes) else msg
+            if msg != "ok":
+                raise PipelineError(f"pipeline: rank {rank} failed to start: {msg}")
+
+    # ---- the Executor interface ---------------------------------------------------------------
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Per rank: each stage holds its own layers' KV, so the largest stage sets the budget."""
+        cfg = self.model_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        layers = max(e - s for s, e in self.ranges)
+        return 2 * layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        self._check()
+        self.stage.init_kv_cache(num_blocks, block_size)
+        self._send(INIT_KV, None, (num_blocks, block_size))
+        self.reset_stats()  # a new runtime (e.g. another policy on reconfigure): bubbles counted afresh
+
+    def reseed(self, seed: int) -> None:
+        self._check()
+        self.stage.reseed(seed)
+        self._send(RESEED, None, seed)
+
+    def execute(self, plan: StepPlan) -> ModelOutput:
+        return self.submit(plan).result()
+
+    def submit(self, plan: StepPlan) -> Future[ModelOutput]:
+        self._check()
+        fut = _PlanFuture(self)
+        t0 = time.perf_counter()
+        if self._pending_since is None:
+            self._pending_since = t0
+        err = None
+        act: torch.Tensor | None = None
+        try:
+            res = self.stage.run(plan, None)
+            assert isinstance(res, torch.Tensor)
+            act = res
+        except Exception as e:  # travels down the pipeline in place of the activations
+            err = f"{type(e).__name__}: {e}"
+        t1 = time.perf_counter()
+        timing = StageTiming(0, plan.step_id, plan.num_prompt_tokens, plan.num_decode_tokens, None, (t0, t1))
+        timing.send = (t1, t1)
+        self._send(PLAN, act, (plan, [], err), timing)
+        self._pending.append((plan.step_id, fut, timing))
+        return fut
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._broken is None and hasattr(self, "link"):
+            try:  # (not waited for: the ranks that do not exit in time are killed below)
+                self.link.send(1, SHUTDOWN, None, None)
+            except Exception:  # a rank already gone: killed below
+                pass
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_workers()
+        for _, fut, _ in self._pending:
+            if not fut.done():
+                fut.set_exception(PipelineError("pipeline: shut down with this plan in flight"))
+        self._pending.clear()
+
+    # ---- bubble accounting --------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.stats = BubbleStats([StageStats() for _ in range(self.world)])
+        self._pending_since = time.perf_counter() if self._pending else None
+
+    def bubble_report(self) -> dict[str, Any]:
+        """Per stage: compute and communication seconds, idle seconds and bubble fraction (idle / wall
+        time with work in flight); ``bubble_s``: the pipeline's total idle stage-seconds."""
+        rep = self.stats.report()
+        rep["layers"] = self.ranges
+        return rep
+
+    def _record(self, timings: list[StageTiming]) -> None:
+        for t in timings:
+            s = self.stats.stages[t.stage]
+            s.compute_s += t.compute[1] - t.compute[0]
+            s.comm_s += (t.recv[1] - t.recv[0] if t.recv else 0.0) + (t.send[1] - t.send[0])
+            s.micro_batches += 1
+            self.stats.recent.append(t)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _send(self, kind: int, act: torch.Tensor | None, obj: Any, timing: StageTiming | None = None) -> None:
+        try:
+            self.link.send(1, kind, act, obj)
+        except Exception as e:
+            self._fail(e)
+        if timing is not None:
+            timing.send = (timing.send[0], time.perf_counter())
+
+    def _collect_one(self) -> None:
+        """Receive the next output from the last rank and resolve the oldest plan's future."""
+        self._check()
+        try:
+            kind, _, obj, _ = self.link.recv(self.world - 1)
+        except Exception as e:
+            self._fail(e)
+        step_id, fut, own = self._pending.popleft()
+        out, timings, err = obj
+        self._record([own, *timings])
+        if not self._pending and self._pending_since is not None:
+            self.stats.pending_s += time.perf_counter() - self._pending_since
+            self._pending_since = None
+        if err is not None:
+            fut.set_exception(RuntimeError(f"pipeline stage failed on step {step_id}: {err}"))
+        else:
+            assert kind == OUTPUT and out.step_id == step_id, "pipeline outputs out of order"
+            fut.set_result(out)
+
+    def _check(self) -> None:
+        if self._broken is not None:
+            raise PipelineError(self._broken)
+        if self._closed:
+            raise PipelineError("pipeline: the executor was shut down")
+
+    def _fail(self, cause: BaseException) -> None:
+        """A receive or send failed: a rank is dead or hung. Break for good, fail every plan in flight."""
+        time.sleep(0.2)  # let a crashing rank finish exiting, so the report names it
+        msg = (f"pipeline: lost contact with the pipeline ranks ({cause}); no answer within "
+               f"{self.timeout:g} s or a connection closed{self._rank_report()}")
+        self._broken = msg
+        err = PipelineError(msg)
+        for _, fut, _ in self._pending:
+            if not fut.done():
+                fut.set_exception(err)
+        self._pending.clear()
+        self._kill_workers()
+        raise err from cause
+
+    def _rank_report(self) -> str:
+        dead = [f"rank {i + 1} (layers {self.ranges[i + 1][0]}-{self.ranges[i + 1][1] - 1}) exited with code "
+                f"{p.returncode}" for i, p in enumerate(self.procs) if p.poll() is not None]
+        if dead:
+            return "; " + ", ".join(dead)
+        if not self.procs:
+            return " (ranks started by torchrun)"
+        return "; every rank is still running (a hung rank?)"
+
+    def _kill_workers(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
+                pass
+
+
+def _torchrun_env() -> tuple[int, int] | None:
+    """(rank, world size) when this process was started by torchrun, else None."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "RANK" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def _torchrun_store(rank: int, world: int) -> Any:
+    """torchrun's rendezvous store (MASTER_ADDR:MASTER_PORT), under a prefix of our own. torchrun's
+    agent hosts it (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 does, as in env:// init."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          rank == 0 and not agent, timeout=datetime.timedelta(seconds=300))
+    return dist.PrefixStore("sarathi-pp", store)
+
+
+def worker_main(rank: int, world: int, store: Any, args: EngineArgs, model_config: ModelConfig,
+                ranges: list[tuple[int, int]]) -> None:
+    """Ranks 1..N-1: receive from the previous rank, run this stage, pass on (the last rank samples
+    and answers rank 0). Returns on SHUTDOWN; raises when rank 0's connection closes."""
+    torch.set_num_threads(args.threads or 1)  # several ranks share the host's cores
+    device = _stage_device(args, rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    pg = make_group(backend, store, rank, world, _WORKER_WAIT)
+    try:
+        stage = _StageRunner(args, model_config, ranges[rank], device)
+    except Exception as e:
+        store.set(f"ready/{rank}", f"{type(e).__name__}: {e}")
+        raise
+    store.set(f"ready/{rank}", "ok")
+    link_dev = device if backend == "nccl" else torch.device("cpu")
+    link = _Link(pg, model_config.hidden_size, stage.dtype, link_dev, 2 * world + 2)
+    last = rank == world - 1
+    while True:
+        kind, act, obj, t_header = link.recv(rank - 1)
+        t_in = time.perf_counter()
+        if kind == INIT_KV:
+            stage.init_kv_cache(*obj)
+        elif kind == RESEED:
+            stage.reseed(obj)
+        if kind != PLAN:
+            if not last:
+                link.send(rank + 1, kind, None, obj)
+            if kind == SHUTDOWN:
+                link.flush()  # the next rank must get it before this process ends
+                return
+            continue
+        plan, timings, err = obj
+        res: torch.Tensor | ModelOutput | None = None
+        if err is None:
+            try:
+                res = stage.run(plan, act)
+            except Exception as e:  # the plan's requests fail, the pipeline goes on
+                err = f"{type(e).__name__}: {e}"
+        t_out = time.perf_counter()
+        timing = StageTiming(rank, plan.step_id, plan.num_prompt_tokens, plan.num_decode_tokens,
+                             (t_header, t_in), (t_in, t_out), (t_out, t_out))
+        timings.append(timing)
+        # (Issuing a send takes microseconds; the transfer itself is counted by the receiving rank.)
+        if last:
+            link.send(0, OUTPUT, None, (res if err is None else None, timings, err))
+        else:
+            link.send(rank + 1, PLAN, res if err is None else None, (plan, timings, err))
+
+
+def chrome_trace(timings: list[StageTiming], t0: float | None = None,
+                 name: str = "pipeline") -> list[dict[str, Any]]:
+    """Chrome / Perfetto trace events ("X" complete events, microseconds): one track (tid) per stage,
+    compute and communication as separate slices, prompt and decode token counts as args."""
+    if not timings:
+        return []
+    base = min((t.recv or t.compute)[0] for t in timings) if t0 is None else t0
+    events: list[dict[str, Any]] = [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": name}}]
+    for s in sorted({t.stage for t in timings}):
+        events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}})
+    for t in timings:
+        args = {"step": t.step_id, "prompt_tokens": t.num_prompt_tokens, "decode_tokens": t.num_decode_tokens}
+        kind = "prefill" if t.num_decode_tokens == 0 else "decode" if t.num_prompt_tokens == 0 else "mixed"
+        for cat, iv in (("comm", t.recv), ("compute", t.compute), ("comm", t.send)):
+            if iv is None or iv[1] <= iv[0]:
+                continue
+            label = (f"{kind} {t.step_id}" if cat == "compute" else
+                     f"recv {t.step_id}" if iv is t.recv else f"send {t.step_id}")
+            events.append({"ph": "X", "pid": 0, "tid": t.stage, "cat": cat, "name": label,
+                           "ts": (iv[0] - base) * 1e6, "dur": (iv[1] - iv[0]) * 1e6, "args": args})
+    return events

@@ -1,0 +1,201 @@
+"""Pipeline parallelism: PP=2 (two local ranks over gloo) gives HF's greedy tokens under every policy,
+keeps at most N micro-batches in flight with no request waiting for a token in two of them, accounts
+its bubbles, and turns a killed rank into a clear error within the timeout."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+import pytest
+
+from sarathi import SamplingParams
+from sarathi.executor.pipeline import PipelineError, stage_ranges
+from sarathi.scheduler import ModelOutput, StepPlan
+from tests.conftest import NUM_NEW
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+TIMEOUT = 10
+
+
+@pytest.fixture(scope="module")
+def pp_llm():
+    """One PP=2 engine for the module (starting the second rank costs seconds); the last test kills it."""
+    from sarathi import LLM
+
+    llm = LLM(dtype="float32", kv_cache_memory="256MiB", pipeline_parallel_size=2,
+              pipeline_timeout=TIMEOUT, threads=1)
+    yield llm
+    llm.engine.shutdown()
+
+
+class InFlightCheck:
+    """Wraps ``submit``: records the most plans in flight and any request whose token is still due in
+    a plan in flight being scheduled again."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.inner = engine, engine.executor.submit
+        self.max_seen = 0
+        self.violations: list[str] = []
+
+    def __call__(self, plan: StepPlan) -> Future[ModelOutput]:
+        in_flight = [f.plan for f in self.engine._in_flight]
+        self.max_seen = max(self.max_seen, len(in_flight) + 1)
+        if len(in_flight) >= self.engine.executor.max_in_flight:
+            self.violations.append(f"step {plan.step_id}: more than N plans in flight")
+        due = {s.req_id for p in in_flight for s in p.seqs if s.sample is not None}
+        if due & {s.req_id for s in plan.seqs}:
+            self.violations.append(f"step {plan.step_id} reschedules {due & {s.req_id for s in plan.seqs}}")
+        return self.inner(plan)
+
+
+@pytest.fixture
+def pp_engine(pp_llm, monkeypatch):
+    eng = pp_llm.engine
+    check = InFlightCheck(eng)
+    monkeypatch.setattr(eng.executor, "submit", check)
+    eng.check = check
+    yield eng
+    eng.abort_request(list(eng.groups))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.kv.num_free_blocks == eng.kv.num_blocks, "a test leaked KV blocks"
+    eng.reconfigure(scheduler="sarathi", chunk_size=None, num_kv_blocks=None, block_size=16)
+
+
+def test_stage_ranges() -> None:
+    assert stage_ranges(30, 2) == [(0, 15), (15, 30)]
+    assert stage_ranges(30, 4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    assert stage_ranges(30, 2, "20,10") == [(0, 20), (20, 30)]
+    with pytest.raises(ValueError, match="pipeline_stages"):
+        stage_ranges(30, 2, "20,9")
+
+
+def test_pipeline_args_checked_before_loading() -> None:
+    from sarathi import EngineArgs
+    from sarathi.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="pipeline_stages"):
+        EngineArgs(pipeline_parallel_size=2, pipeline_stages="30").check()
+    with pytest.raises(InvalidArgument, match="pipeline_parallel_size"):
+        EngineArgs(pipeline_parallel_size=0).check()
+
+
+def test_each_stage_holds_only_its_layers(pp_llm) -> None:
+    ex = pp_llm.engine.executor
+    model = ex.stage.model
+    assert ex.ranges == [(0, 15), (15, 30)] and ex.max_in_flight == 2
+    assert len(model.layers) == 15 and model.embed_tokens is not None
+    assert model.lm_head is None and model.norm is None  # final norm + LM head live on the last stage
+    assert len(ex.stage.kv_caches) == 15
+
+
+@pytest.mark.parametrize("config", [
+    dict(scheduler="sarathi", chunk_size=32),
+    dict(scheduler="sarathi", chunk_size=16, num_kv_blocks=8),  # preemption across stages
+    dict(scheduler="vllm", num_kv_blocks=48, block_size=4),  # a baseline preempting across stages
+    dict(scheduler="orca"),
+    dict(scheduler="request_level"),
+], ids=["sarathi", "sarathi-preempt", "vllm-preempt", "orca", "request_level"])
+def test_pp2_greedy_tokens_equal_hf(pp_engine, pp_llm, hf_reference, config) -> None:
+    pp_engine.reconfigure(**config)
+    outs = pp_llm.generate([{"prompt_token_ids": ids} for ids, _ in hf_reference], GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [ref for _, ref in hf_reference]
+    assert pp_engine.check.violations == []
+    assert pp_engine.check.max_seen <= 2
+    if config["scheduler"] == "sarathi":
+        assert pp_engine.check.max_seen == 2, "the pipeline never held two micro-batches"
+    if "num_kv_blocks" in config:
+        assert pp_engine.scheduler.num_preemptions > 0
+    rep = pp_engine.executor.bubble_report()
+    assert [s["micro_batches"] for s in rep["stages"]] == [rep["stages"][0]["micro_batches"]] * 2
+    assert rep["pending_s"] > 0 and all(0 <= s["bubble_fraction"] < 1 for s in rep["stages"])
+    if config["scheduler"] == "sarathi":  # the bubble numbers reach /metrics
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from sarathi.server.metrics import ServerMetrics
+
+        m = ServerMetrics("pp")
+        m.record_pipeline(rep)
+        got = {(s.name, s.labels.get("stage")): s.value
+               for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
+        assert got[("sarathi_pipeline_bubble_fraction", "1")] == rep["stages"][1]["bubble_fraction"]
+        assert got[("sarathi_pipeline_bubble_seconds", None)] == rep["bubble_s"]
+
+
+def test_abort_in_flight_across_stages(pp_engine, hf_reference) -> None:
+    pp_engine.reconfigure(chunk_size=16)
+    (ids0, ref0), (ids3, _) = hf_reference[0], hf_reference[3]
+    pp_engine.add_request("keep", {"prompt_token_ids": ids0}, GREEDY)
+    pp_engine.add_request("drop", {"prompt_token_ids": ids3}, GREEDY)
+    for _ in range(3):
+        pp_engine.step()
+    drop = pp_engine.scheduler.requests["drop"]
+    assert drop.num_in_flight > 0
+    pp_engine.abort_request("drop")
+    final = {}
+    while pp_engine.has_unfinished_requests():
+        for out in pp_engine.step():
+            final[out.request_id] = out
+    assert set(final) == {"keep"} and final["keep"].outputs[0].token_ids == ref0
+    assert pp_engine.kv.num_free_blocks == pp_engine.kv.num_blocks
+
+
+def test_torchrun_loopback_example() -> None:
+    """The README's torchrun example (two ranks over 127.0.0.1) prints the same greedy text as PP=1."""
+    with socket.socket() as sock:  # a free loopback port for torchrun's rendezvous store
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "-m", "sarathi.cli", "generate", "The capital of France is", "--pipeline-parallel-size", "2",
+           "--threads", "1", "--max-tokens", "4", "--dtype", "float32", "--kv-cache-memory", "16MiB"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, TQDM_DISABLE="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("The capital of France is Paris."), res.stdout
+    assert "pipeline executor" in res.stderr
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail (instead of hanging the suite) if the body runs longer than ``seconds``."""
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"test ran past {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_killed_rank_gives_a_clear_error_within_the_timeout(pp_llm, hf_reference) -> None:
+    """Runs last: it breaks the module's engine."""
+    with deadline(TIMEOUT + 30):
+        _kill_and_expect_error(pp_llm, hf_reference)
+
+
+def _kill_and_expect_error(pp_llm, hf_reference) -> None:
+    eng = pp_llm.engine
+    worker = eng.executor.procs[0]
+    worker.kill()
+    worker.wait()
+    t0 = time.monotonic()
+    with pytest.raises(PipelineError, match=r"rank 1 \(layers 15-29\) exited"):
+        # the requests of plans in flight fail with the error; the next step raises it
+        for _ in range(3):
+            outs = pp_llm.generate([{"prompt_token_ids": ids} for ids, _ in hf_reference[:2]], GREEDY)
+            assert all(o.finished and o.outputs[0].finish_reason == "error" for o in outs)
+    assert time.monotonic() - t0 < TIMEOUT + 5
+    eng.shutdown()
+    assert all(p.poll() is not None for p in eng.executor.procs)

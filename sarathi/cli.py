@@ -33,7 +33,7 @@ def _generate(ns: argparse.Namespace) -> int:
     prompts = [llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": ns.prompt}])
                if ns.chat else ns.prompt]
     t0 = time.perf_counter()
-    out = llm.generate(prompts, params)[0]
+    out = llm.generate(prompts, params, use_tqdm=False)[0]
     dt = time.perf_counter() - t0
     comp = out.outputs[0]
     print(ns.prompt + comp.text if not ns.chat else comp.text)
@@ -67,7 +67,12 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
-    parser = argparse.ArgumentParser(prog="sarathi", description=__doc__)
+    from sarathi import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sarathi", description="An LLM inference engine with SARATHI scheduling (chunked prefills and "
+                                    "decode-maximal batching).")
+    parser.add_argument("--version", action="version", version=f"sarathi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
     g = sub.add_parser("generate", help="complete one prompt and print the text")
@@ -104,6 +109,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     from sarathi.bench.cli import add_bench_parser
 
     add_bench_parser(sub, handlers)  # sarathi bench throughput|profile|serve|compare|workload
+    from sarathi.sim.cli import add_simulate_parser, add_tune_parser
+
+    add_simulate_parser(sub, handlers)  # sarathi simulate: the scheduler on a cost model, virtual time
+    add_tune_parser(sub, handlers)  # sarathi tune: the token budget from the P:D rule and a TBT SLO
     return parser, handlers
 
 

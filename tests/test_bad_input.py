@@ -124,3 +124,18 @@ def test_cli_flags_are_generated_from_engine_args():
     for f in dataclasses.fields(EngineArgs):
         assert f"--{f.name.replace('_', '-')}" in help_text
     assert "(default: 256)" in help_text  # defaults are shown
+
+
+def test_cli_version_and_help_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from sarathi.cli import build_parser; p, _ = build_parser(); "
+            "p.format_help(); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+    from sarathi import __version__
+
+    v = subprocess.run([sys.executable, "-m", "sarathi.cli", "--version"], capture_output=True, text=True,
+                       timeout=120)
+    assert v.stdout.strip() == f"sarathi {__version__}"

@@ -153,7 +153,7 @@ def run_policy(llm: Any, wl: Workload, pol: Policy, max_num_seqs: int, model: St
     load0, first = loadavg(), eng.stats.num_steps
     with record_batches(eng) as log:
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
+        outs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t0
     steps = [s for s in eng.stats.steps if s.step > first]
     if len(steps) != len(log):
@@ -248,7 +248,7 @@ def warm_up(llm: Any, wl: Workload, max_num_seqs: int) -> None:
     llm.engine.reconfigure(scheduler="sarathi", chunk_size=None, max_num_seqs=max_num_seqs,
                            num_kv_blocks=kv_blocks_for(reqs, 2, llm.engine.args.block_size))
     llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs],
-                 SamplingParams(max_tokens=min(4, reqs[0].max_tokens), ignore_eos=True))
+                 SamplingParams(max_tokens=min(4, reqs[0].max_tokens), ignore_eos=True), use_tqdm=False)
 
 
 def calibrate(llm: Any, wl: Workload, policies: Sequence[Policy], max_num_seqs: int,

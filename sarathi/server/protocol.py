@@ -40,11 +40,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    """Fields shared by both endpoints: OpenAI's names plus vLLM's extras."""
+class ModelNamed(BaseModel):
+    """A request body with an optional ``model`` name (valid Unicode, checked against what we serve)."""
 
     model_config = _STRICT
     model: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _valid_model_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_unicode(v)
+
+
+class _SamplingFields(ModelNamed):
+    """Fields shared by both endpoints: OpenAI's names plus vLLM's extras."""
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0

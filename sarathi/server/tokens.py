@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from sarathi.errors import InvalidArgument
 from sarathi.server import protocol as P
@@ -14,11 +14,9 @@ from sarathi.server.intake import APIError, check_content_type, parse, read_body
 from sarathi.server.serving import OpenAIServing, _bad_request
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(P.ModelNamed):
     """Either ``prompt`` (text) or ``messages`` (rendered with the chat template first)."""
 
-    model_config = P._STRICT
-    model: str | None = None
     prompt: str | None = None
     messages: list[P.ChatMessage] | None = None
     add_special_tokens: bool = True
@@ -32,9 +30,7 @@ class TokenizeRequest(BaseModel):
         return ""
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = P._STRICT
-    model: str | None = None
+class DetokenizeRequest(P.ModelNamed):
     tokens: list[int] = Field(max_length=1 << 20)
 
 

@@ -51,15 +51,6 @@ class StepRecord:
     num_failed: int = 0  # requests that failed inside this step (their batch-mates were not affected)
 
 
-class EngineStepError(RuntimeError):
-    """Requests failed inside a step. ``LLMEngine.step`` does not raise it (a failing request comes
-    back as a finished ``RequestOutput`` with ``error`` set); kept for code that catches it."""
-
-    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
-        super().__init__(f"engine step failed for requests {request_ids}: {cause!r}")
-        self.request_ids = request_ids
-
-
 @dataclass
 class EngineStats:
     steps: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=1_000_000))

@@ -6,7 +6,7 @@ needs text (stop strings) is found here and handed back to the engine, which fin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sarathi.engine.group import RequestGroup
 from sarathi.outputs import CompletionOutput, Logprob, RequestOutput
@@ -24,7 +24,6 @@ class SeqText:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     stop_string: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class OutputProcessor:

@@ -27,6 +27,9 @@ class RequestStatus(enum.Enum):
         return self is not RequestStatus.WAITING and self is not RequestStatus.RUNNING
 
 
+_WAITING, _RUNNING = RequestStatus.WAITING, RequestStatus.RUNNING
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence to generate (a request with ``n > 1`` becomes n of these): scheduling state only.
@@ -75,10 +78,11 @@ class Request:
     @property
     def is_decode(self) -> bool:
         """True when the only token left to compute is the last generated one (a decode step)."""
-        return self.num_computed_tokens == len(self.token_ids) - 1 and (
-            self.num_computed_tokens >= self.num_prompt_tokens
-        )
+        n = self.num_computed_tokens
+        return n == len(self.token_ids) - 1 and n >= self.num_prompt_tokens
 
     @property
     def finished(self) -> bool:
-        return self.status.finished
+        # Spelled out rather than ``self.status.finished``: this is read several times per token.
+        s = self.status
+        return s is not _WAITING and s is not _RUNNING

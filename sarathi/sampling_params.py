@@ -30,7 +30,8 @@ class SamplingParams:
     ``repetition_penalty`` (> 0; 1 = off) divides positive and multiplies negative logits of tokens in
     the prompt or the output; ``min_p`` drops tokens less likely than ``min_p`` times the top token;
     ``logit_bias`` maps token ids to values in [-100, 100] added to their logits. All of them apply to
-    greedy requests too.
+    greedy requests too. ``detokenize=False`` (vLLM's flag) returns token ids only: text stays empty and
+    no stop strings are allowed (they are matched on text).
     """
 
     n: int = 1
@@ -51,6 +52,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     logit_bias: dict[int, float] | None = None
+    detokenize: bool = True
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,9 +106,12 @@ class SamplingParams:
             raise bad("logit_bias", f"a map of at most {MAX_LOGIT_BIAS_ENTRIES} non-negative token ids to "
                                     "numbers in [-100, 100]")
         self.logit_bias = {k: float(v) for k, v in bias.items()} or None
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a boolean")
+        if not self.detokenize and self._stop:
+            raise InvalidArgument("detokenize", "detokenize: stop strings need text; they cannot be used "
+                                                "with detokenize=False")
 
     @property
     def greedy(self) -> bool:

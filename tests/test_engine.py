@@ -79,3 +79,17 @@ def test_metrics_timestamps_are_ordered(engine):
     m = run_all(engine)["m"].metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time
     assert m.finished_time == m.last_token_time
+
+
+def test_detokenize_false_returns_ids_only(engine):
+    """vLLM's ``detokenize=False``: the same tokens, no text; stop strings (matched on text) refused."""
+    p = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.add_request("text", "The capital of France is", SamplingParams(**p))
+    engine.add_request("ids", "The capital of France is", SamplingParams(**p, detokenize=False, logprobs=1))
+    final = run_all(engine)
+    text, ids = final["text"].outputs[0], final["ids"].outputs[0]
+    assert ids.token_ids == text.token_ids and text.text and ids.text == ""
+    assert len(ids.logprobs) == 6 and all(lp.decoded_token is None for e in ids.logprobs for lp in e.values())
+    with pytest.raises(ValueError) as e:
+        SamplingParams(stop=["."], detokenize=False)
+    assert e.value.field == "detokenize"

@@ -294,3 +294,56 @@ def test_double_free_is_detected():
 def test_unknown_policy_is_a_value_error():
     with pytest.raises(ValueError, match="scheduler"):
         make_scheduler(SchedulerConfig("fifo", 8, 10, None), BlockManager(4, 4))
+
+
+class _Seq:
+    """The two fields of a Request the block manager reads and writes."""
+
+    def __init__(self, i: int) -> None:
+        self.request_id, self.block_ids, self.num_computed_tokens = str(i), [], 0
+
+
+def _free_runs(kv: BlockManager) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for b in range(kv.num_blocks + 1):
+        free = b < kv.num_blocks and kv._is_free[b]
+        if free and start is None:
+            start = b
+        elif not free and start is not None:
+            runs.append((start, b - start))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_block_manager_free_runs_track_the_bitmap_and_layout_rules(seed):
+    """Random allocations and frees: the run index always equals the bitmap's maximal free runs, a
+    growing request takes the block after its last one when it is free, and a new run starts in the
+    middle of the largest free run (its start at block 0)."""
+    rng = random.Random(seed)
+    kv = BlockManager(rng.randint(1, 200), rng.choice([1, 4, 16]))
+    live: dict[int, _Seq] = {}
+    for _ in range(300):
+        if rng.random() < 0.6:
+            i = rng.randrange(30)
+            req = live.setdefault(i, _Seq(i))
+            n = rng.randint(1, 3 * kv.block_size)
+            if not kv.can_allocate(req, n):
+                continue
+            runs = _free_runs(kv)
+            before = list(req.block_ids)
+            kv.allocate(req, n)
+            req.num_computed_tokens += n
+            new = req.block_ids[len(before):]
+            if new:
+                starts = {s: length for s, length in runs}
+                if before and before[-1] + 1 in starts:
+                    assert new[0] == before[-1] + 1
+                else:
+                    s, length = max(runs, key=lambda r: (r[1], -r[0]))
+                    assert new[0] == (0 if s == 0 else s + length // 2)
+        elif live:
+            kv.free(live.pop(rng.choice(list(live))))
+        assert sorted(kv._runs.items()) == _free_runs(kv)
+        owned = [b for r in live.values() for b in r.block_ids]
+        assert len(owned) == len(set(owned)) and len(owned) + kv.num_free_blocks == kv.num_blocks

@@ -30,4 +30,5 @@ class RequestGroup:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        seqs = self.seqs
+        return seqs[0].finished if len(seqs) == 1 else all(s.finished for s in seqs)

@@ -19,11 +19,15 @@ from sarathi.tokenizer import IncrementalDetokenizer, Tokenizer
 class SeqText:
     """The text side of one sequence."""
 
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None with ``detokenize=False``: token ids only
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     stop_string: str | None = None
+
+
+def _no_text(ids: list[int], skip_special_tokens: bool) -> None:
+    return None
 
 
 class OutputProcessor:
@@ -36,9 +40,9 @@ class OutputProcessor:
         self.groups[group.request_id] = group
         for s in group.seqs:
             p = s.params
-            self.seqs[s.request_id] = SeqText(IncrementalDetokenizer(self.tokenizer, s.prompt_token_ids,
-                                                                     p.skip_special_tokens),
-                                              logprobs=[] if p.logprobs is not None else None)
+            detok = (IncrementalDetokenizer(self.tokenizer, s.prompt_token_ids, p.skip_special_tokens)
+                     if p.detokenize else None)
+            self.seqs[s.request_id] = SeqText(detok, logprobs=[] if p.logprobs is not None else None)
 
     def remove(self, group: RequestGroup) -> None:
         self.groups.pop(group.request_id, None)
@@ -70,12 +74,14 @@ class OutputProcessor:
         assert tok is not None
         if u.logprobs is not None and st.logprobs is not None:
             lp, rank, top_ids, top_vals = u.logprobs
-            decode = self.tokenizer.decode
-            entry = {tok: Logprob(lp, rank, decode([tok], False))}
+            text = self.tokenizer.decode if st.detok is not None else _no_text
+            entry = {tok: Logprob(lp, rank, text([tok], False))}
             for r, (i, v) in enumerate(zip(top_ids, top_vals), start=1):
-                entry.setdefault(i, Logprob(v, r, decode([i], False)))
+                entry.setdefault(i, Logprob(v, r, text([i], False)))
             st.logprobs.append(entry)
             st.cumulative_logprob += lp
+        if st.detok is None:
+            return False  # token ids only (no stop strings: SamplingParams refuses them without text)
         old_len = len(st.text)
         st.text += st.detok.add(tok)
         p = req.params

@@ -9,6 +9,7 @@ pipeline stage) or to a cost model (the simulator) as it is.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,10 @@ class SeqPlan:
 
 @dataclass
 class StepPlan:
-    """One engine step: the sequences to run, in execution order (decodes first)."""
+    """One engine step: the sequences to run, in execution order (decodes first).
+
+    Immutable once the scheduler returns it (the token counts are computed once, on first use).
+    """
 
     step_id: int
     seqs: list[SeqPlan] = field(default_factory=list)
@@ -74,13 +78,13 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not self.seqs
 
-    @property
+    @cached_property
     def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.seqs)
+        return sum(len(s.token_ids) for s in self.seqs)
 
-    @property
+    @cached_property
     def num_decode_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.seqs if s.is_decode)
+        return sum(len(s.token_ids) for s in self.seqs if s.is_decode)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from sarathi.request import RequestStatus
 from sarathi.scheduler.base import Scheduler, SchedulerOutput
 
+_RUNNING = RequestStatus.RUNNING
+
 
 class SarathiScheduler(Scheduler):
     """Each step: (1) every running decode, (2) the next chunk of prompts already in progress,
@@ -31,18 +33,24 @@ class SarathiScheduler(Scheduler):
         out = SchedulerOutput()
         taken: set[int] = set()
         budget = self.budget
-        # (1) decodes first: they must never stall behind prompt work.
-        for req in list(self.running):
+        running = list(self.running)  # a copy: _reserve may preempt (remove) requests
+        # (1) decodes first: they must never stall behind prompt work. (Inlined ``is_decode`` and
+        # status checks: with pipeline parallelism most running requests are in flight, waiting for a
+        # token, and this loop passes over every one of them each step.)
+        for req in running:
             if budget == 0:
                 break
-            if req.is_decode and req.status == RequestStatus.RUNNING and self._reserve(req, 1, out, taken):
+            n = req.num_computed_tokens
+            if (n == len(req.token_ids) - 1 and n >= req.num_prompt_tokens and req.status is _RUNNING
+                    and self._reserve(req, 1, out, taken)):
                 self._add(out, taken, req, 1)
                 budget -= 1
         # (2) continue prompts already admitted (partly computed, or recomputing after preemption).
-        for req in list(self.running):
+        for req in running:
             if budget == 0:
                 break
-            if id(req) in taken or req.status != RequestStatus.RUNNING or req.num_uncomputed == 0:
+            if (req.num_computed_tokens == len(req.token_ids) or req.status is not _RUNNING
+                    or id(req) in taken):
                 continue  # (a request with nothing to compute is waiting for its sampled token)
             if self.kv.max_new_tokens(req) == 0 and not self._reserve(req, 1, out, taken):
                 continue  # it was preempted itself: nothing newer was left to evict

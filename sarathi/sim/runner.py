@@ -99,7 +99,7 @@ def run(engine: LLMEngine, clock: VirtualClock, requests: Sequence[SimRequest], 
     """
     ex: SimulatedExecutor = engine.executor  # type: ignore[assignment]
     check_fits(engine, requests)
-    params = SamplingParams(max_tokens=None, ignore_eos=True)
+    params = SamplingParams(max_tokens=None, ignore_eos=True, detokenize=False)  # timing needs no text
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_time)
     window = engine.args.max_num_seqs + 1
     tok = ex.token_id

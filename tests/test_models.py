@@ -121,3 +121,30 @@ def test_incremental_detokenization_matches_full_decode(llm):
         ids = tok.encode(text)
         d = IncrementalDetokenizer(tok, [504], skip_special_tokens=True)
         assert "".join(d.add(t) for t in ids) == tok.decode(ids)
+
+
+def test_fast_gguf_header_reader_matches_the_gguf_package(tmp_path):
+    """Our header parser (sarathi.model.gguf_file) reads exactly what gguf.GGUFReader reads: every
+    metadata value and every tensor's type, shape and bytes; a truncated file is a ValueError."""
+    import gguf
+    import numpy as np
+
+    from sarathi.model.gguf_file import GGUFFile
+    from sarathi.model.loader import default_model_path
+
+    path = default_model_path()
+    ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+    keys = [k for k in ref.fields if not k.startswith("GGUF.")]  # the reader's synthetic header fields
+    assert sorted(keys) == sorted(ours.fields)
+    for k in keys:
+        v = ref.fields[k].contents()
+        assert ours.fields[k] == (pytest.approx(v) if isinstance(v, float) else v), k
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert a.tensor_type == int(b.tensor_type) and a.data.shape == b.data.shape, a.name
+        assert np.array_equal(a.data, b.data), a.name
+    cut = tmp_path / "cut.gguf"
+    with open(path, "rb") as f:
+        cut.write_bytes(f.read(100_000))  # inside the tokenizer arrays
+    with pytest.raises(ValueError, match="GGUF"):
+        GGUFFile(str(cut))

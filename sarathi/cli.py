@@ -33,8 +33,11 @@ def _generate(ns: argparse.Namespace) -> int:
     prompts = [llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": ns.prompt}])
                if ns.chat else ns.prompt]
     t0 = time.perf_counter()
-    out = llm.generate(prompts, params, use_tqdm=False)[0]
-    dt = time.perf_counter() - t0
+    try:
+        out = llm.generate(prompts, params, use_tqdm=False)[0]
+        dt = time.perf_counter() - t0
+    finally:
+        llm.close()  # stops pipeline ranks, writes --trace
     comp = out.outputs[0]
     print(ns.prompt + comp.text if not ns.chat else comp.text)
     n = len(comp.token_ids)

@@ -32,6 +32,26 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Shut the engine down (stops pipeline ranks; writes the ``trace`` file, if any). Idempotent."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Only the trace is written here, the engine is not shut down: ``LLM(...).engine`` keeps using
+        # an engine whose wrapper is already gone. (The engine writes it again when it is collected.)
+        engine = getattr(self, "engine", None)
+        if engine is not None and getattr(engine, "tracer", None) is not None:
+            try:
+                engine.write_trace()
+            except Exception:  # at interpreter exit, or an unwritable path: nothing to report to
+                pass
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

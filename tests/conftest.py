@@ -23,6 +23,16 @@ PROMPTS = [
 NUM_NEW = 24
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels():
+    """Build (or load) the C++ CPU kernels before any engine runs, so every test takes the same
+    decode-attention path instead of switching when the background build happens to finish."""
+    from sarathi.model import kernels
+
+    kernels.start_build(wait=True)
+    return kernels.decode_attention()
+
+
 @pytest.fixture(scope="session")
 def llm():
     """One float32 engine on the default model; tests reconfigure its scheduler as needed."""

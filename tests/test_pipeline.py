@@ -1,6 +1,7 @@
 """Pipeline parallelism: PP=2 (two local ranks over gloo) gives HF's greedy tokens under every policy,
 keeps at most N micro-batches in flight with no request waiting for a token in two of them, accounts
-its bubbles, and turns a killed rank into a clear error within the timeout."""
+its bubbles, and turns a killed rank into a clear error within the timeout (also under ``sarathi serve``:
+500/503 with an OpenAI error body, then a clean exit on SIGTERM)."""
 
 from __future__ import annotations
 
@@ -199,3 +200,94 @@ def _kill_and_expect_error(pp_llm, hf_reference) -> None:
     assert time.monotonic() - t0 < TIMEOUT + 5
     eng.shutdown()
     assert all(p.poll() is not None for p in eng.executor.procs)
+
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (Linux /proc)."""
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def test_server_answers_503_after_a_rank_dies(tmp_path) -> None:
+    """``sarathi serve`` with PP=2: kill rank 1; the request in flight gets a 500/503 OpenAI error body
+    within the pipeline timeout, later ones a 503 at once, /health turns 503, SIGTERM still exits 0 and
+    the --trace file (written at shutdown) holds both stage tracks."""
+    import json
+
+    port, trace = _free_port(), tmp_path / "serve_trace.json"
+    log = open(tmp_path / "serve.log", "w+")
+    env = {k: v for k, v in os.environ.items() if k != "SARATHI_API_KEY"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sarathi.cli", "serve", "--port", str(port), "--dtype", "float32",
+         "--kv-cache-memory", "32MiB", "--log-level", "warning", "--pipeline-parallel-size", "2",
+         "--pipeline-timeout", "5", "--threads", "1", "--trace", str(trace)],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    ranks: list[int] = []
+    try:
+        with deadline(240):
+            _rank_dies_under_the_server(proc, f"http://127.0.0.1:{port}", ranks)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        events = json.loads(trace.read_text())["traceEvents"]
+        spans = [e for e in events if e["ph"] == "X"]
+        assert {e["tid"] for e in spans} == {0, 1} and {e["cat"] for e in spans} == {"compute", "comm"}
+    finally:
+        for pid in ranks:  # (already killed unless the test failed first)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        log.seek(0)
+        print(log.read()[-5000:])
+        log.close()
+
+
+def _rank_dies_under_the_server(proc: subprocess.Popen, url: str, ranks: list[int]) -> None:
+    import threading
+
+    import httpx
+
+    while True:
+        assert proc.poll() is None, "the server exited early"
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    ranks += _children(proc.pid)
+    ok = httpx.post(f"{url}/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4,
+                                                    "temperature": 0}, timeout=60)
+    assert ok.status_code == 200 and len(ranks) == 1, (ok.text, ranks)
+    got: dict[str, httpx.Response] = {}
+    body = {"prompt": "Tell me a long story.", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+    long = threading.Thread(target=lambda: got.update(r=httpx.post(f"{url}/v1/completions", json=body,
+                                                                   timeout=60)))
+    long.start()
+    time.sleep(1.0)  # the long request is running
+    os.kill(ranks[0], signal.SIGKILL)
+    t0 = time.monotonic()
+    long.join(30)
+    assert not long.is_alive(), "the request in flight hangs"
+    r = got["r"]
+    assert r.status_code in (500, 503), r.text
+    assert time.monotonic() - t0 < 5 + 10
+    err = r.json()["error"]
+    assert "pipeline" in err["message"] and err["type"] in ("server_error", "service_unavailable"), err
+    t1 = time.monotonic()
+    again = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+    assert again.status_code == 503 and time.monotonic() - t1 < 5, again.text
+    err = again.json()["error"]
+    assert err["type"] == "service_unavailable" and "rank 1" in err["message"], err
+    health = httpx.get(f"{url}/health", timeout=10)
+    assert health.status_code == 503 and "rank 1" in health.json()["reason"]

@@ -14,10 +14,11 @@ from typing import Any
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _common(p: argparse.ArgumentParser, out_name: str) -> None:
+def _common(p: argparse.ArgumentParser, out_name: str,
+            engine_flags: tuple[str, ...] = ("model", "dtype")) -> None:
     from sarathi.config import EngineArgs
 
-    EngineArgs.add_cli_args(p, only=("model", "dtype"))  # the engine's own flags, help and defaults
+    EngineArgs.add_cli_args(p, only=engine_flags)  # the engine's own flags, help and defaults
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-limits", action="store_true", help="skip measuring GEMM peak / memory bandwidth")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
@@ -33,7 +34,7 @@ def _load(ns: argparse.Namespace) -> tuple[Any, dict[str, Any] | None, int]:
 
     threads = set_threads(ns.threads)
     limits = None if ns.no_limits else measure_limits(threads, quick=ns.preset == "quick")
-    llm = LLM(model=ns.model, dtype=ns.dtype, kv_cache_memory="64MiB")
+    llm = LLM(model=ns.model, dtype=ns.dtype, kv_cache_memory="64MiB", trace=getattr(ns, "trace", None))
     return llm, limits, threads
 
 
@@ -65,8 +66,11 @@ def _throughput(ns: argparse.Namespace) -> int:
             wls.append(tp.sharegpt_workload(cfg["sharegpt"], vocab, cfg["sharegpt_scale"],
                                             min(2048, llm.engine.max_model_len), ns.seed))
     meta = run_meta("bench throughput", _args_dict(ns))
-    body = tp.run_throughput(llm, wls, policies, cfg["max_num_seqs"], limits, ns.calibrate_repeats,
-                             ns.tile_size, progress=not ns.no_progress, repeats=ns.repeats)
+    try:
+        body = tp.run_throughput(llm, wls, policies, cfg["max_num_seqs"], limits, ns.calibrate_repeats,
+                                 ns.tile_size, progress=not ns.no_progress, repeats=ns.repeats)
+    finally:
+        llm.close()  # writes --trace: every policy's steps, reconfigurations marked
     data = {"meta": {**meta, "loadavg_end": loadavg()}, "limits": limits, **body}
     from sarathi.bench.plots import plot_throughput
 
@@ -165,7 +169,7 @@ def add_bench_parser(sub: Any, handlers: dict[str, Handler]) -> None:
     t.add_argument("--repeats", type=int, default=1,
                    help="runs per policy, in alternating order; the median run is reported")
     t.add_argument("--seed", type=int, default=0)
-    _common(t, "throughput")
+    _common(t, "throughput", ("model", "dtype", "trace"))
     commands["throughput"] = _throughput
 
     p = bsub.add_parser("profile", help="cost per token of prefill vs decode, op split, roofline ridge")

@@ -24,7 +24,7 @@ DEFAULTS = dict(num_requests=8, prompt_len=256, output_len=32, max_num_seqs=4, c
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from sarathi.config import EngineArgs
 
-    EngineArgs.add_cli_args(p, only=("model", "dtype"))
+    EngineArgs.add_cli_args(p, only=("model", "dtype", "trace"))
     p.add_argument("--policies", nargs="+", default=["sarathi", "vllm", "orca"])
     p.add_argument("--num-requests", type=int, default=DEFAULTS["num_requests"])
     p.add_argument("--prompt-len", type=int, default=DEFAULTS["prompt_len"])
@@ -59,10 +59,10 @@ def _run_policy(llm: Any, policy: str, prompts: list[list[int]], ns: argparse.Na
     row: dict[str, Any] = {"policy": policy, "wall_s": wall, "tokens_per_s": tokens / wall,
                            "output_tokens_per_s": ns.output_len * len(prompts) / wall, "steps": len(steps)}
     ex = eng.executor
-    if hasattr(ex, "bubble_report"):
-        from sarathi.executor.pipeline import chrome_trace
+    rep = eng.stats.bubbles
+    if rep is not None:
+        from sarathi.trace import chrome_trace
 
-        rep = ex.bubble_report()
         row["bubble_s"] = rep["bubble_s"]
         row["pending_s"] = rep["pending_s"]
         row["stages"] = rep["stages"]
@@ -76,6 +76,15 @@ def _run_policy(llm: Any, policy: str, prompts: list[list[int]], ns: argparse.Na
     return row
 
 
+def _trace_path(trace: str | None, pp: int, measured: int) -> str | None:
+    """``--trace FILE`` is the measured engine's whole run (all policies); the reference engine's goes
+    beside it as ``FILE_pp1.json``."""
+    if not trace or pp == measured:
+        return trace
+    path = Path(trace)
+    return str(path.with_name(f"{path.stem}_pp{pp}{path.suffix or '.json'}"))
+
+
 def run(ns: argparse.Namespace) -> int:
     from sarathi.bench.common import loadavg, markdown_table, run_meta, save_json
     from sarathi.llm import LLM
@@ -85,7 +94,7 @@ def run(ns: argparse.Namespace) -> int:
     results: dict[str, list[dict[str, Any]]] = {}
     for pp in (ns.pp, 1):
         llm = LLM(model=ns.model, dtype=ns.dtype, kv_cache_memory="256MiB", pipeline_parallel_size=pp,
-                  threads=1)
+                  threads=1, trace=_trace_path(ns.trace, pp, ns.pp))
         try:
             prompts = _workload(ns, llm.engine.model_config.vocab_size)
             # Warm-up (first-touch of the KV cache, oneDNN kernels): otherwise the first policy pays it.
@@ -95,7 +104,7 @@ def run(ns: argparse.Namespace) -> int:
                          SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
             results[f"pp{pp}"] = [_run_policy(llm, pol, prompts, ns) for pol in ns.policies]
         finally:
-            llm.engine.shutdown()
+            llm.close()  # stops the ranks, writes --trace
     pp_rows = results[f"pp{ns.pp}"]
     ref = {r["policy"]: r for r in results["pp1"]}
     sar = next((r for r in pp_rows if r["policy"] == "sarathi"), None)

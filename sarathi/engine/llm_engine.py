@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,6 +33,7 @@ from sarathi.request import RequestStatus
 from sarathi.sampling_params import SamplingParams
 from sarathi.scheduler import ModelOutput, SchedulerConfig, SeqUpdate, StepPlan, make_scheduler
 from sarathi.tokenizer import Tokenizer
+from sarathi.trace import Tracer
 
 logger = logging.getLogger("sarathi")
 
@@ -53,8 +55,35 @@ class StepRecord:
 
 @dataclass
 class EngineStats:
+    """The newest million ``StepRecord``s (``num_steps`` counts all) and the executor's pipeline bubbles.
+
+    ``bubbles`` is None unless the executor is a pipeline; then it is the executor's ``bubble_report()``,
+    counted since the engine was built or last reconfigured, up to the last micro-batch collected:
+    ``{"pending_s": wall seconds with a plan in flight, "bubble_s": idle stage-seconds of all stages,
+    "stages": [{"stage", "compute_s", "comm_s", "idle_s", "micro_batches", "bubble_fraction"}],
+    "layers": [(first, end) per stage]}`` where a stage's ``bubble_fraction`` is ``idle_s / pending_s``.
+    """
+
     steps: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=1_000_000))
     num_steps: int = 0
+    bubble_report: Callable[[], dict[str, Any] | None] | None = field(default=None, repr=False,
+                                                                       compare=False)
+
+    @property
+    def bubbles(self) -> dict[str, Any] | None:
+        return self.bubble_report() if self.bubble_report is not None else None
+
+    @property
+    def bubble_fractions(self) -> list[float] | None:
+        """Per stage: idle / wall time with work in flight (None without a pipeline)."""
+        rep = self.bubbles
+        return None if rep is None else [s["bubble_fraction"] for s in rep["stages"]]
+
+    @property
+    def bubble_seconds(self) -> float | None:
+        """Idle stage-seconds of the whole pipeline (None without a pipeline)."""
+        rep = self.bubbles
+        return None if rep is None else rep["bubble_s"]
 
 
 @dataclass
@@ -63,6 +92,7 @@ class _InFlight:
     future: Future[ModelOutput]
     start: float  # engine clock when scheduled
     t0: float  # perf_counter when scheduled
+    lane: int = 0  # trace track of an engine-recorded step: plans in flight together never share one
 
 
 class LLMEngine:
@@ -105,8 +135,9 @@ class LLMEngine:
         self.input = InputProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len,
                                     lambda: self.kv.num_blocks * self.kv.block_size, clock)
         self.output = OutputProcessor(self.tokenizer)
-        self.stats = EngineStats()
+        self.stats = EngineStats(bubble_report=self.executor.bubble_report)
         self._in_flight: deque[_InFlight] = deque()
+        self._init_trace(args.trace)
         self._build_runtime()
         logger.info("engine ready: %s, %s, %s executor, %d KV blocks x %d tokens, scheduler %s",
                     self.model_name, self.dtype, self.executor.name, self.kv.num_blocks, args.block_size,
@@ -117,7 +148,14 @@ class LLMEngine:
         args = self.args
         num_blocks = args.num_kv_blocks or self.executor.num_kv_blocks(args.kv_cache_bytes(), args.block_size)
         self.kv = BlockManager(num_blocks, args.block_size)
-        budget = (args.chunk_size or args.max_num_batched_tokens if args.scheduler == "sarathi"
+        chunk = args.chunk_size
+        if chunk == "auto":  # the tuner's pick for this model on this machine (profiled once, cached)
+            from sarathi.sim.autotune import auto_chunk_size
+
+            chunk = self.auto_chunk_size = auto_chunk_size(args, self.model_config,
+                                                           num_kv_tokens=num_blocks * args.block_size)
+            logger.info("chunk_size auto -> %d", chunk)
+        budget = (chunk or args.max_num_batched_tokens if args.scheduler == "sarathi"
                   else args.max_num_batched_tokens)
         self.scheduler = make_scheduler(SchedulerConfig(
             args.scheduler, args.max_num_seqs, budget, args.tile_size, self.max_model_len,
@@ -140,13 +178,45 @@ class LLMEngine:
         args.check()
         self.args = args
         self._build_runtime()
+        if self.tracer is not None:
+            self.tracer.instant("reconfigure", {k: str(v) for k, v in changes.items()})
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        """Stop the executor (pipeline ranks) and write the trace file, if any. Idempotent."""
+        try:
+            self.executor.shutdown()
+        finally:
+            if self._trace_finalizer is not None:
+                self._trace_finalizer()  # writes once; write_trace() can write again
+
+    # ---- tracing (--trace) ------------------------------------------------------------------
+    def _init_trace(self, path: str | None) -> None:
+        """A ``Tracer`` for ``--trace``: the executor records its own spans (pipeline stages) or the
+        engine records one per step. The file is written by ``shutdown()``, ``write_trace()`` and, as a
+        safety net, when the engine is garbage collected or the interpreter exits (weakref.finalize)."""
+        self.tracer: Tracer | None = None
+        self._engine_traces_steps = False
+        self._trace_finalizer: weakref.finalize | None = None
+        if not path:
+            return
+        tracer = Tracer(path, clock=time.perf_counter)  # a pipeline's stages: perf_counter on every rank
+        self._engine_traces_steps = not self.executor.set_tracer(tracer)
+        if self._engine_traces_steps:  # steps on the engine's clock (virtual under the simulator)
+            tracer.clock, tracer.base = self.clock, self.clock()
+            tracer.process = f"sarathi engine ({self.executor.name} executor)"
+            n = self.executor.max_in_flight
+            tracer.tracks = {i: "steps" if n == 1 else f"steps, in-flight lane {i}" for i in range(n)}
+        self.tracer = tracer
+        self._trace_finalizer = weakref.finalize(self, tracer.write)
+
+    def write_trace(self) -> str | None:
+        """Write the trace file now (it is rewritten, with later steps, by every later write); returns
+        its path, or None without ``--trace``."""
+        return None if self.tracer is None else str(self.tracer.write())
 
     # ---- requests ---------------------------------------------------------------------------
     @property
@@ -194,9 +264,14 @@ class LLMEngine:
         (cumulative) output of every request it advanced.
 
         A request that fails inside the step (model or sampler) is finished with ``error`` set in its
-        output; the requests batched with it get their tokens as if it had not been there.
+        output; the requests batched with it get their tokens as if it had not been there. Once the
+        executor has failed for good (``Executor.failure``, e.g. a dead pipeline rank), no plan is
+        submitted any more: the plans in flight are collected (their requests fail), then ``step()``
+        raises the executor's error.
         """
-        while len(self._in_flight) < self.executor.max_in_flight:
+        if not self._in_flight:
+            self.executor.check()
+        while len(self._in_flight) < self.executor.max_in_flight and self.executor.failure is None:
             start, t0 = self.clock(), time.perf_counter()
             plan = self.scheduler.schedule()
             if plan.is_empty:
@@ -205,7 +280,16 @@ class LLMEngine:
                 g = self.output.groups.get(self.scheduler.requests[sp.req_id].group_id)
                 if g is not None and g.metrics.first_scheduled_time is None:
                     g.metrics.first_scheduled_time = start
-            self._in_flight.append(_InFlight(plan, self.executor.submit(plan), start, t0))
+            try:
+                future = self.executor.submit(plan)
+            except Exception as e:  # the plan is scheduled: it must come back (failed) to free its blocks
+                future = Future()
+                future.set_exception(e)
+            lane = 0
+            if self._engine_traces_steps:  # the lowest trace lane that no plan in flight holds
+                busy = {x.lane for x in self._in_flight}
+                lane = next(i for i in range(len(busy) + 1) if i not in busy)
+            self._in_flight.append(_InFlight(plan, future, start, t0, lane))
         if not self._in_flight:
             return []
         f = self._in_flight.popleft()
@@ -213,6 +297,8 @@ class LLMEngine:
             output = f.future.result()
         except Exception as e:  # any failure is pinned to the request(s) that cause it
             output = self._isolate(f.plan, e)
+        if self._engine_traces_steps and self.tracer is not None:
+            self.tracer.add_step(f.plan, f.start, self.clock(), f.lane)
         reqs = self.scheduler.requests
         num_failed = len({reqs[rid].group_id for rid in output.failed if rid in reqs})
         updates = self.scheduler.update_from_output(f.plan, output)
@@ -233,6 +319,9 @@ class LLMEngine:
         failing requests among n. Greedy tokens do not depend on the batch composition, so the innocent
         requests get exactly the tokens they would have got.
         """
+        if self.executor.failure is not None:  # nothing runs any more: no culprit to look for
+            msg = f"{type(err).__name__}: {err}"
+            return ModelOutput(plan.step_id, failed={s.req_id: msg for s in plan.seqs})
         if len(plan.seqs) == 1:
             rid = plan.seqs[0].req_id
             logger.error("step failed for request %s", rid, exc_info=err)

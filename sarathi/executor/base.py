@@ -16,6 +16,11 @@ from sarathi.scheduler.plan import ModelOutput, StepPlan
 if TYPE_CHECKING:
     from sarathi.config import EngineArgs
     from sarathi.model.config import ModelConfig
+    from sarathi.trace import Tracer
+
+
+class ExecutorError(RuntimeError):
+    """The executor can run no plan any more (e.g. a pipeline rank died); ``failure`` says why."""
 
 
 class Executor(ABC):
@@ -61,6 +66,22 @@ class Executor(ABC):
     def bubble_report(self) -> dict[str, Any] | None:
         """Pipeline executors: per-stage busy/idle seconds and bubble fractions (see pipeline.py)."""
         return None
+
+    @property
+    def failure(self) -> str | None:
+        """Why this executor can run no plan any more (None while it can). Once set it stays set: the
+        engine stops submitting plans and raises from ``step()`` (``check``)."""
+        return None
+
+    def check(self) -> None:
+        """Raise (an ``ExecutorError``) if ``failure`` is set."""
+        if self.failure is not None:
+            raise ExecutorError(self.failure)
+
+    def set_tracer(self, tracer: Tracer | None) -> bool:
+        """Record this executor's own trace spans (e.g. one track per pipeline stage) into ``tracer``.
+        Returns False when it records none: the engine then records one span per step itself."""
+        return False
 
     def reseed(self, seed: int) -> None:
         """Restart the noise of requests that have no seed of their own (on reconfigure)."""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sarathi.executor.base import Executor
+from sarathi.model import kernels
 from sarathi.model.attention import AttentionMetadata, PrefillChunk
 from sarathi.model.sampler import sample
 from sarathi.scheduler.plan import ModelOutput, SampledToken, SeqPlan, StepPlan
@@ -34,6 +35,8 @@ class LocalExecutor(Executor):
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = args.block_size
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
+        if self.device.type == "cpu":
+            kernels.start_build()  # in the background: steps use the torch path until it is ready
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         cfg = self.model_config
@@ -111,7 +114,9 @@ class LocalExecutor(Executor):
             start = _contiguous_start(s.block_table, kv_len, bs)
             prefills.append(PrefillChunk(q_start, s.num_tokens, kv_len, table, start_slot=start))
             q_start += s.num_tokens
-        return AttentionMetadata(_long(slots, dev), len(decodes), tables, seq_lens, max_len, prefills)
+        kernel = kernels.decode_attention() if dev.type == "cpu" and decodes else None
+        return AttentionMetadata(_long(slots, dev), len(decodes), tables, seq_lens, max_len, prefills,
+                                 decode_kernel=kernel)
 
 
 def _long(values: list, device: torch.device) -> torch.Tensor:

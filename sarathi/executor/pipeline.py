@@ -13,7 +13,9 @@ i+1 while stage 1 computes micro-batch i, so one process per stage is enough and
 thread handoff. Nothing blocks on a send (all sends are ``isend``; their buffers are kept until done),
 so the only blocking calls are receives: workers wait for their predecessor, rank 0 for the last rank.
 A receive on rank 0 gives up after ``pipeline_timeout`` seconds (a hung rank) or as soon as a peer's
-socket closes (a dead rank); the executor is then broken and every later call raises ``PipelineError``.
+socket closes (a dead rank), and a spawned rank whose process has exited is noticed before the next plan
+(``failure`` polls them); the executor is then broken for good (``failure`` says why) and every later
+call raises ``PipelineError``.
 Workers wait for rank 0 without a deadline, and exit when its connection closes.
 
 Every plan submitted produces exactly one message back from the last rank, in order, even when a
@@ -39,14 +41,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from sarathi.executor.base import Executor
+from sarathi.executor.base import Executor, ExecutorError
 from sarathi.executor.local import LocalExecutor, _long
 from sarathi.model.sampler import sample
 from sarathi.scheduler.plan import ModelOutput, SampledToken, StepPlan
+from sarathi.trace import chrome_trace
 
 if TYPE_CHECKING:
     from sarathi.config import EngineArgs
     from sarathi.model.config import ModelConfig
+    from sarathi.trace import Tracer
+
+__all__ = ["PipelineError", "PipelineExecutor", "StageTiming", "chrome_trace", "stage_ranges", "worker_main"]
 
 logger = logging.getLogger("sarathi")
 
@@ -56,7 +62,7 @@ PLAN, INIT_KV, RESEED, SHUTDOWN, OUTPUT = 1, 2, 3, 4, 5
 _WORKER_WAIT = datetime.timedelta(days=7)  # a worker waits for the next plan as long as the engine idles
 
 
-class PipelineError(RuntimeError):
+class PipelineError(ExecutorError):
     """A pipeline rank died, hung or could not start; the executor cannot run plans any more."""
 
 
@@ -95,6 +101,7 @@ class StageTiming:
     recv: tuple[float, float] | None  # from the header's arrival to the last byte of the input
     compute: tuple[float, float]
     send: tuple[float, float] = (0.0, 0.0)
+    num_seqs: int = 0
 
 
 @dataclass
@@ -298,6 +305,7 @@ class PipelineExecutor(Executor):
         self._closed = False
         self.stats = BubbleStats([StageStats() for _ in range(pp)])
         self._pending_since: float | None = None
+        self.tracer: Tracer | None = None
         launched = _torchrun_env()
         if launched is not None:  # torchrun started every rank with this same command
             rank, world = launched
@@ -394,8 +402,8 @@ class PipelineExecutor(Executor):
         except Exception as e:  # travels down the pipeline in place of the activations
             err = f"{type(e).__name__}: {e}"
         t1 = time.perf_counter()
-        timing = StageTiming(0, plan.step_id, plan.num_prompt_tokens, plan.num_decode_tokens, None, (t0, t1))
-        timing.send = (t1, t1)
+        timing = StageTiming(0, plan.step_id, plan.num_prompt_tokens, plan.num_decode_tokens, None, (t0, t1),
+                             (t1, t1), len(plan.seqs))
         self._send(PLAN, act, (plan, [], err), timing)
         self._pending.append((plan.step_id, fut, timing))
         return fut
@@ -428,10 +436,20 @@ class PipelineExecutor(Executor):
 
     def bubble_report(self) -> dict[str, Any]:
         """Per stage: compute and communication seconds, idle seconds and bubble fraction (idle / wall
-        time with work in flight); ``bubble_s``: the pipeline's total idle stage-seconds."""
+        time with work in flight); ``bubble_s``: the pipeline's total idle stage-seconds. Counted since
+        the last ``init_kv_cache`` (a reconfiguration), up to the last micro-batch collected."""
         rep = self.stats.report()
         rep["layers"] = self.ranges
         return rep
+
+    def set_tracer(self, tracer: Tracer | None) -> bool:
+        """Record every stage's receive / compute / send of every micro-batch into ``tracer`` (on
+        perf_counter, one track per stage)."""
+        self.tracer = tracer
+        if tracer is not None:
+            tracer.process = f"sarathi pipeline PP={self.world}"
+            tracer.tracks = {i: f"stage {i} (layers {s}-{e - 1})" for i, (s, e) in enumerate(self.ranges)}
+        return True
 
     def _record(self, timings: list[StageTiming]) -> None:
         for t in timings:
@@ -440,6 +458,8 @@ class PipelineExecutor(Executor):
             s.comm_s += (t.recv[1] - t.recv[0] if t.recv else 0.0) + (t.send[1] - t.send[0])
             s.micro_batches += 1
             self.stats.recent.append(t)
+        if self.tracer is not None:
+            self.tracer.add_stage_timings(timings)
 
     # ---- internals ----------------------------------------------------------------------------
     def _send(self, kind: int, act: torch.Tensor | None, obj: Any, timing: StageTiming | None = None) -> None:
@@ -460,14 +480,33 @@ class PipelineExecutor(Executor):
         step_id, fut, own = self._pending.popleft()
         out, timings, err = obj
         self._record([own, *timings])
-        if not self._pending and self._pending_since is not None:
-            self.stats.pending_s += time.perf_counter() - self._pending_since
-            self._pending_since = None
+        if self._pending_since is not None:  # counted at every collection, so a busy pipeline that never
+            now = time.perf_counter()  # drains still reports current bubbles
+            self.stats.pending_s += now - self._pending_since
+            self._pending_since = now if self._pending else None
         if err is not None:
             fut.set_exception(RuntimeError(f"pipeline stage failed on step {step_id}: {err}"))
         else:
             assert kind == OUTPUT and out.step_id == step_id, "pipeline outputs out of order"
             fut.set_result(out)
+
+    @property
+    def failure(self) -> str | None:
+        """Why no plan can run any more (a rank lost, or shut down), else None. Polls the spawned ranks
+        (a waitpid each, microseconds), so a rank that died while the pipeline was idle is noticed
+        before the next plan is sent to it."""
+        if self._broken is None and not self._closed:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                self._break(f"pipeline: a pipeline rank exited{self._rank_report()}")
+        if self._broken is not None:
+            return self._broken
+        return "pipeline: the executor was shut down" if self._closed else None
+
+    def check(self) -> None:
+        """Raise ``PipelineError`` if ``failure`` is set (polling the ranks first)."""
+        if self.failure is not None:
+            self._check()
 
     def _check(self) -> None:
         if self._broken is not None:
@@ -480,6 +519,10 @@ class PipelineExecutor(Executor):
         time.sleep(0.2)  # let a crashing rank finish exiting, so the report names it
         msg = (f"pipeline: lost contact with the pipeline ranks ({cause}); no answer within "
                f"{self.timeout:g} s or a connection closed{self._rank_report()}")
+        raise self._break(msg) from cause
+
+    def _break(self, msg: str) -> PipelineError:
+        """Mark the executor broken for good: fail every plan in flight, kill the remaining ranks."""
         self._broken = msg
         err = PipelineError(msg)
         for _, fut, _ in self._pending:
@@ -487,7 +530,7 @@ class PipelineExecutor(Executor):
                 fut.set_exception(err)
         self._pending.clear()
         self._kill_workers()
-        raise err from cause
+        return err
 
     def _rank_report(self) -> str:
         dead = [f"rank {i + 1} (layers {self.ranges[i + 1][0]}-{self.ranges[i + 1][1] - 1}) exited with code "
@@ -565,7 +608,7 @@ def worker_main(rank: int, world: int, store: Any, args: EngineArgs, model_confi
                 err = f"{type(e).__name__}: {e}"
         t_out = time.perf_counter()
         timing = StageTiming(rank, plan.step_id, plan.num_prompt_tokens, plan.num_decode_tokens,
-                             (t_header, t_in), (t_in, t_out), (t_out, t_out))
+                             (t_header, t_in), (t_in, t_out), (t_out, t_out), len(plan.seqs))
         timings.append(timing)
         # (Issuing a send takes microseconds; the transfer itself is counted by the receiving rank.)
         if last:
@@ -573,25 +616,3 @@ def worker_main(rank: int, world: int, store: Any, args: EngineArgs, model_confi
         else:
             link.send(rank + 1, PLAN, res if err is None else None, (plan, timings, err))
 
-
-def chrome_trace(timings: list[StageTiming], t0: float | None = None,
-                 name: str = "pipeline") -> list[dict[str, Any]]:
-    """Chrome / Perfetto trace events ("X" complete events, microseconds): one track (tid) per stage,
-    compute and communication as separate slices, prompt and decode token counts as args."""
-    if not timings:
-        return []
-    base = min((t.recv or t.compute)[0] for t in timings) if t0 is None else t0
-    events: list[dict[str, Any]] = [{"ph": "M", "name": "process_name", "pid": 0, "args": {"name": name}}]
-    for s in sorted({t.stage for t in timings}):
-        events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": s, "args": {"name": f"stage {s}"}})
-    for t in timings:
-        args = {"step": t.step_id, "prompt_tokens": t.num_prompt_tokens, "decode_tokens": t.num_decode_tokens}
-        kind = "prefill" if t.num_decode_tokens == 0 else "decode" if t.num_prompt_tokens == 0 else "mixed"
-        for cat, iv in (("comm", t.recv), ("compute", t.compute), ("comm", t.send)):
-            if iv is None or iv[1] <= iv[0]:
-                continue
-            label = (f"{kind} {t.step_id}" if cat == "compute" else
-                     f"recv {t.step_id}" if iv is t.recv else f"send {t.step_id}")
-            events.append({"ph": "X", "pid": 0, "tid": t.stage, "cat": cat, "name": label,
-                           "ts": (iv[0] - base) * 1e6, "dur": (iv[1] - iv[0]) * 1e6, "args": args})
-    return events

@@ -65,14 +65,17 @@ class _SimFuture(Future):  # type: ignore[type-arg]
 
 
 def resolve_dtype(args_dtype: str, checkpoint_dtype: str | None, gpu: bool) -> str:
-    """The dtype the simulated device runs in, mirroring ``EngineArgs.torch_dtype``'s ``auto`` rule
-    (16-bit checkpoints stay 16-bit; others, e.g. GGUF, run in float32)."""
+    """The dtype the simulated device runs in, mirroring ``EngineArgs.torch_dtype``'s ``auto`` rule:
+    a GPU keeps a 16-bit checkpoint's type (others run in float16, as in the paper); a CPU (the
+    ``local`` profile) runs bfloat16 where this CPU has bf16 instructions, float32 elsewhere."""
+    from sarathi.config import cpu_has_fast_bf16
+
     name = {"half": "float16", "float": "float32"}.get(args_dtype, args_dtype)
     if name != "auto":
         return name
-    if checkpoint_dtype in ("bfloat16", "float16"):
-        return checkpoint_dtype if gpu else "bfloat16"
-    return "float16" if gpu else "float32"
+    if gpu:
+        return checkpoint_dtype if checkpoint_dtype in ("bfloat16", "float16") else "float16"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
 
 class SimulatedExecutor(Executor):

@@ -8,7 +8,9 @@ request's cached prefix. Only attention needs to know which token belongs to whi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +49,13 @@ class AttentionMetadata:
     decode_max_len: int
     prefills: list[PrefillChunk]
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, decode_max_len] bool, built once
+    # The compiled CPU kernel (sarathi.model.kernels) reading K/V blocks in place, when available;
+    # None: gather + SDPA in torch. Chosen once per step, so every layer of a step takes the same path.
+    decode_kernel: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.decode_kernel is not None:
+            return  # the kernel needs no mask
         if self.decode_seq_lens is not None and self.decode_mask is None:
             pos = torch.arange(self.decode_max_len, device=self.decode_seq_lens.device)
             self.decode_mask = (pos[None, :] < self.decode_seq_lens[:, None])[:, None, None, :]
@@ -91,6 +98,8 @@ def _decode_attention(
     length = meta.decode_max_len
     tables = meta.decode_block_tables
     assert tables is not None and meta.decode_seq_lens is not None
+    if meta.decode_kernel is not None:
+        return meta.decode_kernel(q, k_cache, v_cache, tables, meta.decode_seq_lens, scale)
     # Gather every decode's blocks into a dense [B, KVH, L, D] view (padding masked out by the mask).
     k = _gather(k_cache, tables).view(b, -1, kvh, d)[:, :length].transpose(1, 2)
     v = _gather(v_cache, tables).view(b, -1, kvh, d)[:, :length].transpose(1, 2)

@@ -95,7 +95,10 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, api_key: str | None = None,
     @app.get("/health")
     async def health() -> Response:
         ok = aeng.is_running and aeng.accepting
-        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+        body: dict[str, str] = {"status": "ok" if ok else "unavailable"}
+        if aeng.unavailable is not None:  # the executor failed for good (e.g. a pipeline rank died)
+            body["reason"] = aeng.unavailable
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.api_route("/ping", methods=["GET", "POST"])
     async def ping() -> Response:

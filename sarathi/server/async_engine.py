@@ -41,6 +41,10 @@ class RequestAbortedError(RuntimeError):
     """The request was aborted by the server (e.g. at shutdown) before it finished."""
 
 
+class EngineUnavailableError(RequestAbortedError):
+    """The executor failed for good (e.g. a pipeline rank died): no request can run any more (503)."""
+
+
 @dataclass
 class _Tracked:
     group: RequestGroup
@@ -176,6 +180,7 @@ class AsyncLLMEngine:
         self._stop = False
         self.accepting = False
         self.retry_after_s = 1
+        self.unavailable: str | None = None  # why the engine can run nothing any more (set once)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -200,20 +205,30 @@ class AsyncLLMEngine:
             return sum(1 for t in self._live.values() if t.group.metrics.first_scheduled_time is None)
 
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop accepting; let in-flight requests finish for up to ``timeout`` s; abort the rest."""
+        """Stop accepting; let in-flight requests finish for up to ``timeout`` s; abort the rest; write
+        the engine's trace (``--trace``). The engine itself is not shut down (a caller may reuse it)."""
         self.accepting = False
         deadline = time.monotonic() + timeout
         while self._live and self.is_running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self._stop = True
         self._inbox.wake.set()
+        loop = asyncio.get_running_loop()
         if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
+            await loop.run_in_executor(None, self._thread.join, 30.0)
+        if self.engine.tracer is not None and not self.is_running:  # the engine thread is done with it
+            try:
+                path = await loop.run_in_executor(None, self.engine.write_trace)
+                logger.info("trace written to %s", path)
+            except OSError as e:
+                logger.error("could not write the trace: %s", e)
 
     # ---- handler side ------------------------------------------------------------------------
     def submit(self, groups: list[RequestGroup], backlog: StreamBacklog | None = None) -> RequestStream:
         """Queue validated groups (all or none). Raises QueueFullError / EngineStoppedError.
         ``backlog``: abort the groups if their reader stops reading (for streamed responses)."""
+        if self.unavailable is not None:
+            raise EngineStoppedError(f"the engine is unavailable: {self.unavailable}")
         if not self.accepting or not self.is_running:
             raise EngineStoppedError("the server is shutting down")
         limit = self.max_waiting_requests
@@ -248,6 +263,8 @@ class AsyncLLMEngine:
                 if self._stop:
                     self._abort_all(RequestAbortedError("the server shut down"), "abort")
                     break
+                if self.unavailable is None and eng.executor.failure is not None:
+                    self._become_unavailable(eng.executor.failure)
                 if not eng.has_unfinished_requests():
                     self._record_state()
                     self._inbox.wake.wait(0.5)
@@ -255,6 +272,11 @@ class AsyncLLMEngine:
                     continue
                 self._step()
             except Exception:  # anything but a failed model step: fail what is in flight, go on
+                if eng.executor.failure is not None:  # a dead executor: answered 503 from now on
+                    if self.unavailable is None:
+                        self._become_unavailable(eng.executor.failure)
+                    time.sleep(0.05)  # no hot loop should it repeat
+                    continue
                 logger.exception("engine loop error; failing all in-flight requests")
                 try:
                     self._abort_all(RequestFailedError("internal engine error"), "error")
@@ -263,10 +285,22 @@ class AsyncLLMEngine:
                     time.sleep(0.1)  # no hot loop if the failure repeats
         logger.info("engine loop stopped")
 
+    def _become_unavailable(self, reason: str) -> None:
+        """The executor failed for good: refuse new requests (503), fail the queued and running ones.
+        The loop goes on: plans still in flight are collected (freeing their blocks) and shutdown works."""
+        logger.error("the engine can run no more requests: %s", reason)
+        self.unavailable, self.accepting = reason, False
+        self._abort_all(EngineUnavailableError(f"the engine is unavailable: {reason}"), "error")
+
     def _drain_inbox(self) -> None:
         while self._inbox.items:
             kind, payload = self._inbox.items.popleft()
-            if kind == "add":
+            if kind == "add" and self.unavailable is not None:
+                t = self._forget(payload.request_id)
+                if t is not None:
+                    t.stream.put(EngineUnavailableError(f"the engine is unavailable: {self.unavailable}"))
+                    self.metrics.record_finished(["error"] * len(t.group.seqs), t.group.metrics, time.time())
+            elif kind == "add":
                 if payload.request_id in self._live:
                     try:
                         self.engine.add_group(payload)
@@ -347,6 +381,6 @@ class AsyncLLMEngine:
         eng = self.engine
         self.metrics.record_state(eng.scheduler.num_running, eng.scheduler.num_waiting, eng.kv.usage,
                                   eng.kv.num_free_blocks)
-        report = eng.executor.bubble_report()
+        report = eng.stats.bubbles
         if report is not None:
             self.metrics.record_pipeline(report)

@@ -23,8 +23,8 @@ def add_simulate_parser(sub: Any, handlers: dict[str, Handler]) -> None:
                    help="preset (llama-2-7b, llama-2-13b, llama-2-70b, llama-13b, llama-33b, mistral-7b, "
                         "gpt3-175b) or an HF config.json / folder (default: %(default)s)")
     p.add_argument("--hardware", default="a6000",
-                   help="a6000 | a100-80gb | h100 | h200 | local (this machine's cached profile) | a spec "
-                        ".json (default: %(default)s)")
+                   help="a6000 | a100-80gb | h100 | h200 | local (this machine's cached profile, measured "
+                        "once if missing) | a spec .json (default: %(default)s)")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1)
     p.add_argument("--scheduler", default="sarathi", help="sarathi | vllm | orca | request_level")
@@ -116,7 +116,7 @@ def run_cli(ns: argparse.Namespace) -> int:
     from sarathi.sim import workload as wl
     from sarathi.sim.runner import SimConfig, build_engine, run, write_trace
 
-    cfg = SimConfig(model=ns.model, hardware=ns.hardware, tensor_parallel_size=ns.tp,
+    cfg = SimConfig(model=ns.model, hardware=_hardware(ns.hardware), tensor_parallel_size=ns.tp,
                     pipeline_parallel_size=ns.pp, scheduler=ns.scheduler, chunk_size=ns.chunk_size,
                     max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
                     tile_size=ns.tile_size, block_size=ns.block_size, num_kv_blocks=ns.num_kv_blocks,
@@ -144,15 +144,30 @@ def run_cli(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _hardware(name: str) -> Any:
+    """``local``: this machine's cached profile, measured (quick preset) and cached first if missing, as
+    ``--chunk-size auto`` does; any other name is resolved by ``get_hardware`` later."""
+    if name.lower() == "local":
+        from sarathi.sim.calibrate import ensure_local_profile
+
+        return ensure_local_profile()
+    return name
+
+
 def add_tune_parser(sub: Any, handlers: dict[str, Handler]) -> None:
     p = sub.add_parser("tune", help="recommend the token budget (chunk size) for a model, hardware and "
                                     "workload", description="Recommend the sarathi token budget: the paper's "
                                     "P:D rule rounded to the tile, capped by a TBT SLO, with the predicted "
                                     "throughput and latency of the choice and its neighbours.")
-    p.add_argument("--model", default="llama-2-13b", help="preset or HF config.json (default: %(default)s)")
-    p.add_argument("--hardware", default="a6000", help="a6000 | a100-80gb | h100 | h200 | local | spec .json")
+    p.add_argument("--model", default="llama-2-13b",
+                   help="preset, HF config.json / folder or a checkpoint (.gguf) (default: %(default)s)")
+    p.add_argument("--hardware", default="a6000",
+                   help="a6000 | a100-80gb | h100 | h200 | local (this machine: its cached profile, measured "
+                        "once if missing, as --chunk-size auto does) | spec .json (default: %(default)s)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--dtype", default="auto",
+                   help="auto | float16 | bfloat16 | float32 (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="B, the largest batch (default: %(default)s)")
     p.add_argument("--tile-size", type=int, default=None, help="default: the hardware's matmul tile")
     p.add_argument("--prompt-len", type=int, default=1024, help="typical prompt tokens P")
@@ -171,8 +186,9 @@ def run_tune(ns: argparse.Namespace) -> int:
     from sarathi.sim.tune import format_recommendation, recommend
 
     d = ns.output_len or max(1, round(ns.prompt_len / ns.pd_ratio))
-    cfg = SimConfig(model=ns.model, hardware=ns.hardware, tensor_parallel_size=ns.tp,
-                    pipeline_parallel_size=ns.pp, max_num_seqs=ns.max_num_seqs, tile_size=ns.tile_size)
+    cfg = SimConfig(model=ns.model, hardware=_hardware(ns.hardware), tensor_parallel_size=ns.tp,
+                    pipeline_parallel_size=ns.pp, max_num_seqs=ns.max_num_seqs, tile_size=ns.tile_size,
+                    dtype=ns.dtype)
     r = recommend(cfg, ns.prompt_len, d, ns.slo_tbt_ms, ns.num_requests, simulate=not ns.no_simulate)
     print(f"{ns.model} on {ns.hardware} (TP {ns.tp} x PP {ns.pp}), B {ns.max_num_seqs}, P {ns.prompt_len}, "
           f"D {d}")

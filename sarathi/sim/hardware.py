@@ -76,9 +76,13 @@ class HardwareSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str | Path) -> Path:
+        """Write the spec as JSON, atomically (a temporary file renamed over ``path``), so a reader never
+        sees half a profile even when two processes measure this machine at once."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
         return path
 
 
@@ -120,7 +124,9 @@ def get_hardware(name: str | HardwareSpec) -> HardwareSpec:
         path = local_profile_path()
         if not path.exists():
             raise ValueError(f"hardware: no profile of this machine at {path}; measure it with "
-                             "`sarathi simulate --profile-hardware`")
+                             "`sarathi simulate --profile-hardware` (`sarathi tune/simulate --hardware "
+                             "local` and `--chunk-size auto` measure a quick one on first use; "
+                             "$SARATHI_CACHE moves the cache)")
         return HardwareSpec.from_json(json.loads(path.read_text()))
     if name.endswith(".json") and Path(name).exists():
         return HardwareSpec.from_json(json.loads(Path(name).read_text()))

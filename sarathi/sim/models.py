@@ -31,8 +31,11 @@ MODELS: dict[str, ModelConfig] = {
 }
 
 
-def get_model_config(name: str) -> ModelConfig:
-    """A preset by name, or the ``config.json`` of an HF folder (or the file itself)."""
+def get_model_config(name: str | ModelConfig) -> ModelConfig:
+    """A preset by name, the ``config.json`` of an HF folder (or the file itself), a checkpoint (GGUF), or a
+    ``ModelConfig`` (e.g. a loaded engine's), returned as it is."""
+    if isinstance(name, ModelConfig):
+        return name
     if name.lower() in MODELS:
         return MODELS[name.lower()]
     path = Path(name)

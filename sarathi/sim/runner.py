@@ -21,6 +21,7 @@ from sarathi.config import EngineArgs
 from sarathi.engine.group import RequestGroup
 from sarathi.engine.llm_engine import LLMEngine
 from sarathi.executor.simulated import SimStep, SimulatedExecutor, resolve_dtype
+from sarathi.model.config import ModelConfig
 from sarathi.outputs import RequestMetrics
 from sarathi.request import Request
 from sarathi.sampling_params import SamplingParams
@@ -35,7 +36,10 @@ KV_MEMORY_FRACTION = 0.9  # of device memory usable for weights + KV (activation
 
 @dataclass
 class SimConfig:
-    model: str = "llama-2-13b"
+    """What ``build_engine`` simulates. ``model``: a preset name, an HF config.json / folder, a checkpoint,
+    or a ``ModelConfig`` object (e.g. ``engine.model_config`` of a loaded engine)."""
+
+    model: str | ModelConfig = "llama-2-13b"
     hardware: str | HardwareSpec = "a6000"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -54,6 +58,7 @@ class SimConfig:
 def build_engine(cfg: SimConfig) -> tuple[LLMEngine, VirtualClock]:
     """An engine whose executor is the cost model, reading and advancing a virtual clock."""
     model_config = get_model_config(cfg.model)
+    name = cfg.model if isinstance(cfg.model, str) else model_label(model_config)
     hw = get_hardware(cfg.hardware)
     blocks = cfg.num_kv_blocks
     if blocks is None:  # what device memory leaves after the weights
@@ -62,17 +67,23 @@ def build_engine(cfg: SimConfig) -> tuple[LLMEngine, VirtualClock]:
         free = hw.memory_bytes * cfg.memory_fraction - cost.weight_bytes_per_device()
         blocks = int(free // (cost.kv_bytes_per_token() * cfg.block_size))
         if blocks < 1:
-            raise ValueError(f"model: {cfg.model} ({cost.weight_bytes_per_device() / 2**30:.1f} GiB per "
+            raise ValueError(f"model: {name} ({cost.weight_bytes_per_device() / 2**30:.1f} GiB per "
                              f"device) does not fit on {hw.name} with TP {cfg.tensor_parallel_size} x PP "
                              f"{cfg.pipeline_parallel_size}")
     clock = VirtualClock()
     executor = SimulatedExecutor.bind(hardware=hw, tensor_parallel_size=cfg.tensor_parallel_size,
                                       pipeline_parallel_size=cfg.pipeline_parallel_size, clock=clock)
-    args = EngineArgs(model=cfg.model, dtype=cfg.dtype, scheduler=cfg.scheduler, executor="simulated",
+    args = EngineArgs(model=name, dtype=cfg.dtype, scheduler=cfg.scheduler, executor="simulated",
                       chunk_size=cfg.chunk_size, max_num_seqs=cfg.max_num_seqs,
                       max_num_batched_tokens=cfg.max_num_batched_tokens, tile_size=cfg.tile_size,
                       block_size=cfg.block_size, num_kv_blocks=blocks, max_model_len=cfg.max_model_len)
     return LLMEngine(args, clock=clock, executor_class=executor, model_config=model_config), clock
+
+
+def model_label(cfg: ModelConfig) -> str:
+    """A readable name for a model given only by its shape."""
+    return (f"{cfg.architecture}(hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+            f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads)")
 
 
 @dataclass

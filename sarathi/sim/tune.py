@@ -39,20 +39,40 @@ def full_step_ms(cost: CostModel, budget: int, B: int, P: int, D: int) -> float:
     return cost.step([(chunk, P // 2)], [P + D // 2] * decodes).total_s * 1e3
 
 
+def pd_rule(B: int, P: int, D: int, tile: int) -> int:
+    """The SARATHI rule ``C = (B - 1) x P / D`` rounded to the nearest tile multiple, at least one tile."""
+    raw = (B - 1) * P / max(1, D)
+    return max(tile, round(raw / tile) * tile)
+
+
+def slo_max_budget(cost: CostModel, B: int, P: int, D: int, tile: int, slo_tbt_ms: float,
+                   max_budget: int = MAX_BUDGET) -> int:
+    """The largest tile multiple up to ``max_budget`` whose full step meets ``slo_tbt_ms`` (one tile if
+    none does)."""
+    ok = [b for b in range(tile, max_budget + 1, tile) if full_step_ms(cost, b, B, P, D) <= slo_tbt_ms]
+    return max(ok) if ok else tile
+
+
+def choose_budget(cost: CostModel, B: int, P: int, D: int, tile: int, slo_tbt_ms: float | None = None,
+                  max_budget: int = MAX_BUDGET) -> tuple[int, int, int | None]:
+    """Rules 1 and 2 of the module docstring: ``(choice, pd_rule, slo_max)``; ``slo_max`` is None without
+    an SLO. Shared by ``sarathi tune`` and ``--chunk-size auto`` (:mod:`sarathi.sim.autotune`), so both
+    give the same budget for the same inputs."""
+    pd = pd_rule(B, P, D, tile)
+    slo_max = None if slo_tbt_ms is None else slo_max_budget(cost, B, P, D, tile, slo_tbt_ms, max_budget)
+    return (pd if slo_max is None else min(pd, slo_max)), pd, slo_max
+
+
 def recommend(cfg: SimConfig, P: int, D: int, slo_tbt_ms: float | None = None,
               num_requests: int | None = None, simulate: bool = True) -> Recommendation:
+    """``cfg.model`` may be a preset, a config.json / checkpoint or a ``ModelConfig``; ``cfg.hardware`` a
+    name or a ``HardwareSpec``."""
     engine, _ = build_engine(cfg)
     ex = engine.executor
     cost: CostModel = ex.cost  # type: ignore[attr-defined]
     tile = cfg.tile_size or cost.hw.tile
     B = cfg.max_num_seqs
-    raw = (B - 1) * P / max(1, D)
-    pd_rule = max(tile, round(raw / tile) * tile)
-    slo_max = None
-    if slo_tbt_ms is not None:
-        ok = [b for b in range(tile, MAX_BUDGET + 1, tile) if full_step_ms(cost, b, B, P, D) <= slo_tbt_ms]
-        slo_max = max(ok) if ok else tile
-    choice = min(pd_rule, slo_max) if slo_max is not None else pd_rule
+    choice, pd, slo_max = choose_budget(cost, B, P, D, tile, slo_tbt_ms)
     sizes = sorted({max(tile, choice // 2), max(tile, choice - tile), choice, choice + tile, choice * 2})
     candidates = []
     for c in sizes:
@@ -65,7 +85,7 @@ def recommend(cfg: SimConfig, P: int, D: int, slo_tbt_ms: float | None = None,
             row.update({k: m[k] for k in ("throughput_tok_s", "decode_tok_s", "ttft_ms_p50", "tbt_ms_p50",
                                           "tbt_ms_p99")})
         candidates.append(row)
-    return Recommendation(choice, pd_rule, slo_max, tile, full_step_ms(cost, choice, B, P, D), candidates)
+    return Recommendation(choice, pd, slo_max, tile, full_step_ms(cost, choice, B, P, D), candidates)
 
 
 def format_recommendation(r: Recommendation, P: int, D: int, B: int, slo: float | None) -> str:

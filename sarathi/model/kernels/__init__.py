@@ -1,0 +1,85 @@
+"""Optional C++ CPU kernels, compiled on first use with the machine's compiler and cached.
+
+``decode_attention()`` returns the compiled paged decode-attention function, or None while it is not
+available (no compiler, a failed build, a CUDA run, or ``SARATHI_KERNELS=0``); callers then use the
+pure-torch path, which the kernel is parity-tested against. The build (~30-60 s on 2 cores) runs in a
+background thread so engine start never waits for it: steps use the torch path until it is ready.
+The cache key includes the source hash, the torch version and the CPU's flags, because the build uses
+``-march=native`` (a cache shared by two CPU models must not hand one the other's instructions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("sarathi")
+
+_SRC = Path(__file__).with_name("decode_attention.cpp")
+_lock = threading.Lock()
+_state: dict[str, Any] = {"fn": None, "thread": None, "error": None}
+
+
+def enabled() -> bool:
+    return os.environ.get("SARATHI_KERNELS", "1") != "0"
+
+
+def _build_dir() -> tuple[str, Path]:
+    import torch
+
+    from sarathi.config import cpu_flags
+
+    key = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()
+                         + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("SARATHI_CACHE") or Path.home() / ".cache" / "sarathi")
+    name = f"sarathi_decode_attention_{key}"
+    return name, root / "kernels" / name
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    name, path = _build_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cached = any(path.glob("*.so"))
+    try:
+        mod = cpp_extension.load(name, [str(_SRC)], build_directory=str(path), verbose=False,
+                                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                 extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, headers, or a broken toolchain: the torch path stays
+        _state["error"] = f"{type(e).__name__}: {e}"
+        logger.warning("C++ decode-attention kernel unavailable (%s); using the torch path",
+                       str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return
+    _state["fn"] = mod.decode_attention
+    logger.info("C++ decode-attention kernel %s in %.1f s", "loaded" if cached else "built",
+                time.perf_counter() - t0)
+
+
+def start_build(wait: bool = False) -> None:
+    """Compile (or load the cached build of) the kernels, in the background unless ``wait``."""
+    if not enabled():
+        return
+    with _lock:
+        t = _state["thread"]
+        if t is None:
+            t = _state["thread"] = threading.Thread(target=_build, name="sarathi-kernel-build", daemon=True)
+            t.start()
+    if wait:
+        t.join()
+
+
+def decode_attention() -> Callable[..., Any] | None:
+    """The compiled kernel, or None if it is not (yet) available."""
+    return _state["fn"]
+
+
+def build_error() -> str | None:
+    return _state["error"]

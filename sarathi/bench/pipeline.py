@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULTS = dict(num_requests=8, prompt_len=256, output_len=32, max_num_seqs=4, chunk_size=128)
+# A paper-like mixed workload: P:D = 32 and a chunk small enough that every chunk can carry all B - 1
+# running decodes (SARATHI's condition C <= P (B - 1) / D: 128 <= 224), so micro-batches stay uniform.
+DEFAULTS = dict(num_requests=16, prompt_len=512, output_len=16, max_num_seqs=8, chunk_size=128)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

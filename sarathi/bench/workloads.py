@@ -8,7 +8,7 @@ prompt.
 Workloads serialise to JSON as a list of objects
 ``{"prompt_token_ids": [...], "max_tokens": int, "arrival_time": float}`` (see
 :func:`save_workload` / :func:`load_workload`); the peer scripts in
-``sarathi.bench.peers`` read the same format.
+``benchmarks/peers/`` read the same format.
 """
 
 from __future__ import annotations

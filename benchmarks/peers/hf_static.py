@@ -9,7 +9,7 @@ their requested tokens count as generated (the extra is reported as
 
 Standalone (no ``sarathi`` import). Usage::
 
-    .venv/bin/python sarathi/bench/peers/hf_static.py --workload W.json --out R.json \\
+    .venv/bin/python benchmarks/peers/hf_static.py --workload W.json --out R.json \\
         [--model DIR] [--batch-size 8] [--dtype float32] [--threads N]
 """
 
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[3] / "benchmarks" / "cache" / "smollm2-135m-hf"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "benchmarks" / "cache" / "smollm2-135m-hf"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

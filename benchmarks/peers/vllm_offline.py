@@ -3,7 +3,7 @@
 Standalone: runs in ``.venv-vllm`` (see scripts/setup_vllm_cpu.sh), which has no
 ``sarathi``, so nothing from sarathi is imported. Usage::
 
-    .venv-vllm/bin/python sarathi/bench/peers/vllm_offline.py \\
+    .venv-vllm/bin/python benchmarks/peers/vllm_offline.py \\
         --workload W.json --out R.json [--model DIR] [--max-num-seqs 256] [--dtype float32]
 
 The workload is a JSON list of ``{"prompt_token_ids": [...], "max_tokens": n}``. Every
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[3] / "benchmarks" / "cache" / "smollm2-135m-hf"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "benchmarks" / "cache" / "smollm2-135m-hf"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

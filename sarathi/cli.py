@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from sarathi.config import EngineArgs
+from sarathi.errors import InvalidArgument
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -24,13 +25,18 @@ def _generate(ns: argparse.Namespace) -> int:
     from sarathi.engine import LLMEngine
     from sarathi.llm import LLM
     from sarathi.sampling_params import SamplingParams
+    from sarathi.tokenizer import load_chat_template
 
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
                             top_k=ns.top_k, seed=ns.sampling_seed)
     args = engine_args_from(ns)
     args.check()  # flag errors before the model loads
+    if ns.chat_template is not None and not ns.chat:
+        raise InvalidArgument("chat_template", "--chat-template: only used with --chat")
+    template = load_chat_template(ns.chat_template)
     llm = LLM.from_engine(LLMEngine(args))
-    prompts = [llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": ns.prompt}])
+    prompts = [llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": ns.prompt}],
+                                                        chat_template=template)
                if ns.chat else ns.prompt]
     t0 = time.perf_counter()
     try:
@@ -53,11 +59,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def model_from_positional(ns: argparse.Namespace) -> None:
+    """``sarathi serve MODEL`` (as ``vllm serve MODEL``) means ``--model MODEL``; both naming different
+    models is an error (InvalidArgument), not a silent choice of one."""
+    import os
+
+    tag = getattr(ns, "model_tag", None)
+    if tag is None:
+        return
+    same = ns.model is None or os.path.realpath(os.path.expanduser(ns.model)) == os.path.realpath(
+        os.path.expanduser(tag))
+    if not same:
+        raise InvalidArgument("model", f"model: the positional MODEL {tag!r} and --model {ns.model!r} "
+                                       "differ; give one of them")
+    ns.model = tag
+
+
 def _serve(ns: argparse.Namespace) -> int:
     import os
 
     from sarathi.server import run_server
 
+    model_from_positional(ns)
     args = engine_args_from(ns)
     args.check()  # flag errors before the model loads
     api_key = ns.api_key or os.environ.get("SARATHI_API_KEY") or None
@@ -65,6 +88,7 @@ def _serve(ns: argparse.Namespace) -> int:
     return run_server(args, host=ns.host, port=ns.port, api_key=api_key,
                       served_model_name=ns.served_model_name, max_waiting_requests=ns.max_waiting_requests,
                       shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level,
+                      chat_template=ns.chat_template, generation_config=ns.generation_config,
                       max_request_body_bytes=ns.max_request_body_bytes, max_stream_backlog=backlog,
                       stream_stall_timeout=ns.stream_stall_timeout)
 
@@ -86,14 +110,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
     g.add_argument("--top-k", type=int, default=-1)
     g.add_argument("--sampling-seed", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="with --chat: a jinja file, or the template text itself, replacing the model's "
+                        "chat template")
     add_engine_args(g)
     handlers["generate"] = _generate
     s = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model to serve, as `vllm serve MODEL`: the same as --model MODEL")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
                    "(default: $SARATHI_API_KEY, else no key)")
-    s.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
+    s.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients may send; the first is the one responses report and "
+                        "/v1/models lists them all (default: --model)")
+    s.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a jinja file, or the template text itself, replacing the model's chat template "
+                        "(checked at start-up)")
+    s.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+                   help="default sampling parameters of requests that do not set them: auto: the model's "
+                        "generation_config.json (HF folders; GGUF files have none); vllm: none; FOLDER: "
+                        "FOLDER/generation_config.json (default: auto)")
     s.add_argument("--max-waiting-requests", type=int, default=None,
                    help="refuse new requests with 429 while this many are waiting (default: unbounded)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,

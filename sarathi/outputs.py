@@ -14,6 +14,9 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob (the sampled token plus the top-n).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token, aligned with prompt_token_ids: None for the first (nothing precedes it),
+# then token id -> Logprob (the prompt token itself plus the top-n alternatives).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -45,7 +48,11 @@ class RequestOutput:
     """Cumulative state of one request: text and token ids generated so far.
 
     ``error`` is set (and ``finished`` is True) when this request failed inside an engine step; the
-    requests that were batched with it are not affected.
+    requests that were batched with it are not affected. ``prompt_logprobs`` (when asked for) is
+    complete from the first output that carries a generated token on. ``num_generated_tokens``
+    counts the tokens of every sequence generated, including ``best_of`` candidates not returned.
+    With ``best_of > n``, ``outputs`` are the ``n`` sequences with the highest cumulative logprob so
+    far, best first (``index`` is the rank).
     """
 
     request_id: str
@@ -57,3 +64,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     extra: dict = field(default_factory=dict)
     error: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    num_generated_tokens: int = 0

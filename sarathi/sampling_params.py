@@ -17,6 +17,7 @@ MAX_STOP_TOKEN_IDS = 1024
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_REPETITION_PENALTY = 100.0
+MAX_BEST_OF = 64  # as the server's limit on n: each candidate is a full sequence in the KV cache
 
 
 @dataclass
@@ -32,6 +33,13 @@ class SamplingParams:
     ``logit_bias`` maps token ids to values in [-100, 100] added to their logits. All of them apply to
     greedy requests too. ``detokenize=False`` (vLLM's flag) returns token ids only: text stays empty and
     no stop strings are allowed (they are matched on text).
+
+    ``prompt_logprobs`` (0..20, vLLM's field) returns, per prompt token, the logprob of that token given
+    the ones before it plus the ``prompt_logprobs`` most likely alternatives (the first prompt token has
+    none: ``None``), from the raw model logits (no temperature, penalties or bias).
+    ``best_of`` (>= n; vLLM V0 / OpenAI semantics) generates ``best_of`` sequences and returns the ``n``
+    with the highest cumulative logprob of their sampled tokens, best first; it needs sampling
+    (``temperature > 0``): greedy candidates would all be the same sequence.
     """
 
     n: int = 1
@@ -53,6 +61,8 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
+    prompt_logprobs: int | None = None
+    best_of: int | None = None
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +86,16 @@ class SamplingParams:
         lp = self.logprobs
         if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}]")
+        plp = self.prompt_logprobs
+        if plp is not None and (not _is_int(plp) or not 0 <= plp <= MAX_LOGPROBS):
+            raise bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}]")
+        if self.best_of is not None:
+            if not _is_int(self.best_of) or not self.n <= self.best_of <= max(self.n, MAX_BEST_OF):
+                raise bad("best_of", f"an integer >= n ({self.n}) and <= {max(self.n, MAX_BEST_OF)}")
+            if self.best_of > self.n and self.greedy:
+                raise InvalidArgument("best_of", f"best_of: {self.best_of} > n needs sampling "
+                                                 "(temperature > 0); greedy candidates would all be the "
+                                                 "same sequence")
         if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
             raise bad("seed", "an integer in [-2**63, 2**64 - 1]")
         stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop
@@ -121,6 +141,17 @@ class SamplingParams:
     def penalized(self) -> bool:
         """True if sampling depends on the tokens seen so far (the sampler then needs them)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def num_seqs(self) -> int:
+        """How many sequences are generated: ``best_of`` if set, else ``n``."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def keeps_best(self) -> bool:
+        """True when more sequences are generated than returned (``best_of > n``): the output keeps
+        the ``n`` with the highest cumulative logprob, so every sampled token's logprob is needed."""
+        return self.best_of is not None and self.best_of > self.n
 
     @property
     def stop_strings(self) -> list[str]:

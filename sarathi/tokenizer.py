@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -53,8 +54,10 @@ class Tokenizer:
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-        chat_template: str | None = None,
+        chat_template: str | None = None, **template_kwargs: Any,
     ) -> str:
+        """Render ``messages``; ``template_kwargs`` are extra template variables (e.g. vLLM's
+        ``chat_template_kwargs`` such as ``enable_thinking``), as in transformers."""
         template = chat_template or self.chat_template
         if not template:
             raise InvalidArgument("messages",
@@ -66,12 +69,44 @@ class Tokenizer:
                                   "messages: must be a list of {'role': ..., 'content': ...} objects")
         return _compile(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **template_kwargs,
         )
 
     @classmethod
     def load(cls, src: ModelSource) -> Tokenizer:
         return _from_gguf(src) if src.kind == "gguf" else _from_hf_folder(src.path)
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: the text of a jinja file, or the argument itself as template text (with its
+    backslash escapes such as ``\\n`` decoded), as vLLM does. Raises ``InvalidArgument("chat_template")``
+    for a path that cannot be read and for a template that does not parse, so a bad one fails at
+    start-up, not on the first chat request."""
+    if value is None:
+        return None
+    field, path = "chat_template", os.path.expanduser(value)
+    source: str | None = path  # the file read, None for template text
+    try:
+        with open(path, encoding="utf-8") as f:
+            template = f.read()
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name, or a file not in UTF-8
+        if not any(c in value for c in "{}\n"):
+            raise InvalidArgument(field, f"{field}: {value!r} looks like a file path, but it cannot be "
+                                         f"read ({e}); pass a jinja file or the template text") from None
+        source = None
+        try:  # non-Latin-1 characters survive as \uXXXX escapes, which unicode_escape decodes back
+            template = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        except UnicodeDecodeError as ue:
+            msg = f"{field}: bad backslash escape in the template text: {ue}"
+            raise InvalidArgument(field, msg) from None
+    if not template.strip():
+        raise InvalidArgument(field, f"{field}: the template {value!r} is empty")
+    try:
+        _compile(template)
+    except TemplateSyntaxError as e:
+        where = f"{source}, line {e.lineno}" if source else f"line {e.lineno}"
+        raise InvalidArgument(field, f"{field}: the template does not parse ({where}): {e.message}") from None
+    return template
 
 
 def _raise(message: str) -> None:

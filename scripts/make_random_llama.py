@@ -76,7 +76,8 @@ def main() -> None:
     w = weights(CONFIG, ns.seed)
     save_file(w, str(ns.out / "model.safetensors"), metadata={"format": "pt"})
     n = sum(t.numel() for t in w.values())
-    print(f"{ns.out}: {n / 1e9:.2f} B parameters, {os.path.getsize(ns.out / 'model.safetensors') / 2**30:.2f} GiB")
+    size = os.path.getsize(ns.out / "model.safetensors") / 2**30
+    print(f"{ns.out}: {n / 1e9:.2f} B parameters, {size:.2f} GiB")
 
 
 if __name__ == "__main__":

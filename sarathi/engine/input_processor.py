@@ -22,12 +22,15 @@ class InputProcessor:
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int,
-                 kv_slots: Callable[[], int], clock: Callable[[], float] = time.time) -> None:
+                 kv_slots: Callable[[], int], clock: Callable[[], float] = time.time,
+                 prompt_logprobs: bool = True) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.kv_slots = kv_slots  # the KV cache can be resized (reconfigure): ask each time
         self.clock = clock
+        # False when the executor cannot return prompt logprobs (a pipeline, the simulator): refused here.
+        self.prompt_logprobs = prompt_logprobs
 
     def make_group(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                    arrival_time: float | None = None) -> RequestGroup:
@@ -44,6 +47,9 @@ class InputProcessor:
             raise InvalidArgument("stop_token_ids", f"stop_token_ids: token ids must be in [0, {vocab})")
         if params.logit_bias and any(t >= vocab for t in params.logit_bias):
             raise InvalidArgument("logit_bias", f"logit_bias: token ids must be in [0, {vocab})")
+        if params.prompt_logprobs is not None and not self.prompt_logprobs:
+            raise InvalidArgument("prompt_logprobs", "prompt_logprobs: not supported by this executor "
+                                                     "(only the local executor, pipeline_parallel_size 1)")
         if len(ids) >= self.max_model_len:
             raise InvalidArgument("prompt", f"prompt: {len(ids)} tokens, but the model's context "
                                             f"(max_model_len) is {self.max_model_len} and at least one "
@@ -59,13 +65,18 @@ class InputProcessor:
                                                 f"tokens do not fit in the KV cache ({kv_slots} tokens)")
         now = self.clock() if arrival_time is None else arrival_time
         seqs = []
-        for i in range(params.n):
+        num_seqs = params.num_seqs  # best_of candidates, of which the output keeps the n best
+        for i in range(num_seqs):
             p = params
-            if params.n > 1 and params.seed is not None:  # distinct but reproducible samples
+            changes: dict = {}
+            if num_seqs > 1 and params.seed is not None:  # distinct but reproducible samples
                 seed = params.seed + i
-                seed -= 2**64 if seed > SEED_MAX else 0  # wrap around, staying a valid 64-bit seed
-                p = SamplingParams(**{**_fields(params), "seed": seed})
-            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+                changes["seed"] = seed - (2**64 if seed > SEED_MAX else 0)  # stays a valid 64-bit seed
+            if i > 0 and params.prompt_logprobs is not None:  # the prompt is shared: sequence 0 scores it
+                changes["prompt_logprobs"] = None
+            if changes:
+                p = SamplingParams(**{**_fields(params), **changes})
+            seq_id = request_id if num_seqs == 1 else f"{request_id}#{i}"
             seqs.append(Request(seq_id, ids, p, arrival_time=now, max_tokens=max_tokens, group_id=request_id))
         return RequestGroup(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
 

@@ -133,7 +133,8 @@ class LLMEngine:
         self.executor = (executor_class or get_executor_class(name))(args, cfg)
         self.dtype = getattr(self.executor, "dtype", None)
         self.input = InputProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len,
-                                    lambda: self.kv.num_blocks * self.kv.block_size, clock)
+                                    lambda: self.kv.num_blocks * self.kv.block_size, clock,
+                                    getattr(self.executor, "supports_prompt_logprobs", False))
         self.output = OutputProcessor(self.tokenizer)
         self.stats = EngineStats(bubble_report=self.executor.bubble_report)
         self._in_flight: deque[_InFlight] = deque()
@@ -336,8 +337,7 @@ class LLMEngine:
                 got = self.executor.execute(sub)
             except Exception as e:
                 got = self._isolate(sub, e)
-            out.sampled.update(got.sampled)
-            out.failed.update(got.failed)
+            out.merge(got)
         return out
 
     def _process(self, updates: list[SeqUpdate], now: float) -> list[RequestOutput]:

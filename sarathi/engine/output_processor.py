@@ -2,6 +2,11 @@
 
 The scheduler has already appended each sampled token and applied the stops that need no text; what
 needs text (stop strings) is found here and handed back to the engine, which finishes the sequence.
+
+Prompt logprobs arrive chunk by chunk (rows of consecutive prompt positions, each row exactly once:
+the scheduler never asks for a row twice, even when a preempted prompt is recomputed) and are kept per
+request group, since the ``n`` / ``best_of`` sequences share one prompt (sequence 0 scores it).
+With ``best_of > n`` the output holds the ``n`` sequences with the highest cumulative logprob.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sarathi.engine.group import RequestGroup
-from sarathi.outputs import CompletionOutput, Logprob, RequestOutput
+from sarathi.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from sarathi.request import Request, RequestStatus
 from sarathi.scheduler import SeqUpdate
 from sarathi.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -21,8 +26,8 @@ class SeqText:
 
     detok: IncrementalDetokenizer | None  # None with ``detokenize=False``: token ids only
     text: str = ""
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, Logprob]] | None = None  # None unless the request asked for logprobs
+    cumulative_logprob: float = 0.0  # of the sampled tokens, when their logprobs came with them
     stop_string: str | None = None
 
 
@@ -35,9 +40,13 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.groups: dict[str, RequestGroup] = {}
         self.seqs: dict[str, SeqText] = {}
+        self.prompt_logprobs: dict[str, PromptLogprobs] = {}  # by group id, while being filled
+        self._pieces: dict[int, str] = {}  # token id -> its text alone (prompt logprobs' decoded_token)
 
     def add(self, group: RequestGroup) -> None:
         self.groups[group.request_id] = group
+        if group.params.prompt_logprobs is not None:
+            self.prompt_logprobs[group.request_id] = [None]  # nothing precedes the first prompt token
         for s in group.seqs:
             p = s.params
             detok = (IncrementalDetokenizer(self.tokenizer, s.prompt_token_ids, p.skip_special_tokens)
@@ -46,6 +55,7 @@ class OutputProcessor:
 
     def remove(self, group: RequestGroup) -> None:
         self.groups.pop(group.request_id, None)
+        self.prompt_logprobs.pop(group.request_id, None)
         for s in group.seqs:
             self.seqs.pop(s.request_id, None)
 
@@ -60,7 +70,12 @@ class OutputProcessor:
             if u.error is not None:
                 g.error = g.error or u.error
                 touched[g.request_id] = g
-            elif u.token_id is not None:
+                continue
+            if u.prompt_logprobs is not None and not self._add_prompt_logprobs(g, u):
+                g.error = g.error or "prompt logprobs arrived out of order (an engine bug)"
+                touched[g.request_id] = g
+                continue
+            if u.token_id is not None:
                 if self._append(u):
                     stopped.append(u.request)
                 touched[g.request_id] = g
@@ -69,17 +84,42 @@ class OutputProcessor:
                 g.metrics.last_token_time = now
         return list(touched.values()), stopped
 
+    def _add_prompt_logprobs(self, g: RequestGroup, u: SeqUpdate) -> bool:
+        """Append the rows of one chunk: the row at position p is prompt token p + 1's entry. Returns
+        False (nothing appended) if the rows do not continue the entries filled so far, which the
+        scheduler's bookkeeping (each row asked for once, in order) rules out."""
+        rows, out = u.prompt_logprobs, self.prompt_logprobs.get(g.request_id)
+        assert rows is not None
+        if out is None or rows.first + 1 != len(out):
+            return False
+        prompt, piece = g.prompt_token_ids, self._piece if u.request.params.detokenize else None
+        for j, (lp, rank, ids, vals) in enumerate(zip(rows.logprobs, rows.ranks, rows.top_ids,
+                                                        rows.top_logprobs)):
+            tok = prompt[rows.first + j + 1]
+            entry = {tok: Logprob(lp, rank, piece(tok) if piece else None)}
+            for r, (i, v) in enumerate(zip(ids, vals), start=1):
+                entry.setdefault(i, Logprob(v, r, piece(i) if piece else None))
+            out.append(entry)
+        return True
+
+    def _piece(self, token_id: int) -> str:
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self._pieces[token_id] = self.tokenizer.decode([token_id], False)
+        return text
+
     def _append(self, u: SeqUpdate) -> bool:
         req, tok, st = u.request, u.token_id, self.seqs[u.request.request_id]
         assert tok is not None
-        if u.logprobs is not None and st.logprobs is not None:
+        if u.logprobs is not None:
             lp, rank, top_ids, top_vals = u.logprobs
-            text = self.tokenizer.decode if st.detok is not None else _no_text
-            entry = {tok: Logprob(lp, rank, text([tok], False))}
-            for r, (i, v) in enumerate(zip(top_ids, top_vals), start=1):
-                entry.setdefault(i, Logprob(v, r, text([i], False)))
-            st.logprobs.append(entry)
             st.cumulative_logprob += lp
+            if st.logprobs is not None:
+                text = self.tokenizer.decode if st.detok is not None else _no_text
+                entry = {tok: Logprob(lp, rank, text([tok], False))}
+                for r, (i, v) in enumerate(zip(top_ids, top_vals), start=1):
+                    entry.setdefault(i, Logprob(v, r, text([i], False)))
+                st.logprobs.append(entry)
         if st.detok is None:
             return False  # token ids only (no stop strings: SamplingParams refuses them without text)
         old_len = len(st.text)
@@ -98,15 +138,22 @@ class OutputProcessor:
         return False
 
     def output(self, g: RequestGroup) -> RequestOutput:
+        params = g.params
+        seqs = g.seqs
+        if params.keeps_best:  # best_of > n: the n best by cumulative logprob (stable on ties)
+            seqs = sorted(seqs, key=lambda s: -self.seqs[s.request_id].cumulative_logprob)[:params.n]
         comps = []
-        for i, s in enumerate(g.seqs):
+        for i, s in enumerate(seqs):
             st = self.seqs[s.request_id]
             comps.append(CompletionOutput(
                 index=i, text=st.text, token_ids=s.output_token_ids,
                 finish_reason=s.status.value if s.finished else None,
                 stop_reason=st.stop_string if st.stop_string is not None else s.stop_reason,
                 logprobs=list(st.logprobs) if st.logprobs is not None else None,
-                cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
+                cumulative_logprob=(st.cumulative_logprob if st.logprobs is not None or params.keeps_best
+                                    else None),
             ))
+        plp = self.prompt_logprobs.get(g.request_id)
         return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, comps, g.finished, g.metrics,
-                             error=g.error)
+                             error=g.error, prompt_logprobs=list(plp) if plp is not None else None,
+                             num_generated_tokens=sum(s.num_output_tokens for s in g.seqs))

@@ -10,8 +10,8 @@ import torch
 from sarathi.executor.base import Executor
 from sarathi.model import kernels
 from sarathi.model.attention import AttentionMetadata, PrefillChunk
-from sarathi.model.sampler import sample
-from sarathi.scheduler.plan import ModelOutput, SampledToken, SeqPlan, StepPlan
+from sarathi.model.sampler import prompt_logprobs, sample
+from sarathi.scheduler.plan import ModelOutput, PromptLogprobSpec, SampledToken, SeqPlan, StepPlan
 
 if TYPE_CHECKING:
     from sarathi.config import EngineArgs
@@ -20,9 +20,14 @@ if TYPE_CHECKING:
 
 class LocalExecutor(Executor):
     """Holds the model and the paged KV tensors ([num_blocks, block_size, kv_heads, head_dim] per
-    layer for K and for V)."""
+    layer for K and for V).
+
+    The LM head runs on the sampled rows and, for the sequences whose plan asks for prompt logprobs
+    (``SeqPlan.prompt_logprobs``), on those prompt rows too; other sequences pay nothing for them.
+    """
 
     name = "local"
+    supports_prompt_logprobs = True  # the engine refuses prompt_logprobs with executors lacking this
 
     def __init__(self, args: EngineArgs, model_config: ModelConfig) -> None:
         from sarathi.model.loader import load_model, resolve_model
@@ -63,14 +68,21 @@ class LocalExecutor(Executor):
         # Single-query entries first (batched decode attention), then multi-token prompt chunks.
         seqs = sorted(plan.seqs, key=lambda s: s.num_tokens > 1)
         input_ids, positions, slots, sample_rows, samplers = self._flatten(seqs)
+        prompt_rows, prompt_seqs = self._prompt_logprob_rows(seqs)
         meta = self._metadata(seqs, slots)
         dev = self.device
         logits = self.model(
-            _long(input_ids, dev), _long(positions, dev), meta, self.kv_caches, _long(sample_rows, dev),
+            _long(input_ids, dev), _long(positions, dev), meta, self.kv_caches,
+            _long(sample_rows + prompt_rows, dev),
         )
         out = ModelOutput(plan.step_id)
+        ns = len(sample_rows)
+        if prompt_seqs:  # before sampling, which edits its own rows (bias, bans) in place
+            specs: list[PromptLogprobSpec] = [s.prompt_logprobs for s in prompt_seqs]  # type: ignore[misc]
+            out.prompt_logprobs = dict(zip((s.req_id for s in prompt_seqs),
+                                           prompt_logprobs(logits[ns:], specs)))
         if samplers:
-            res = sample(logits, [s.sample for s in samplers], self.generator)  # type: ignore[misc]
+            res = sample(logits[:ns], [s.sample for s in samplers], self.generator)  # type: ignore[misc]
             out.sampled = {s.req_id: SampledToken(t, lp)
                            for s, t, lp in zip(samplers, res.token_ids, res.logprobs)}
         out.execute_time = time.perf_counter() - t0
@@ -93,6 +105,23 @@ class LocalExecutor(Executor):
                 sample_rows.append(len(input_ids) - 1)
                 samplers.append(s)
         return input_ids, positions, slots, sample_rows, samplers
+
+    @staticmethod
+    def _prompt_logprob_rows(seqs: list[SeqPlan]) -> tuple[list[int], list[SeqPlan]]:
+        """Flattened row indices (in ``_flatten``'s order) of the prompt rows whose logits the plans ask
+        for, in order, and the sequences they belong to."""
+        rows: list[int] = []
+        owners: list[SeqPlan] = []
+        offset = 0
+        for s in seqs:
+            spec = s.prompt_logprobs
+            if spec is not None:
+                base = offset + spec.first - s.start
+                assert s.start <= spec.first and spec.first + len(spec.targets) <= s.start + s.num_tokens
+                rows.extend(range(base, base + len(spec.targets)))
+                owners.append(s)
+            offset += s.num_tokens
+        return rows, owners
 
     def _metadata(self, seqs: list[SeqPlan], slots: list[int]) -> AttentionMetadata:
         bs, dev = self.block_size, self.device

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sarathi.scheduler.plan import SamplingSpec
+from sarathi.scheduler.plan import PromptLogprobRows, PromptLogprobSpec, SamplingSpec
+
+PROMPT_LOGPROB_SLICE = 256  # rows log-softmaxed at once: bounds the temporaries to 256 x vocab floats
 
 
 @dataclass
@@ -58,6 +60,41 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], generator: torch.Gen
             kk = specs[i].logprobs or 0
             lps[i] = (float(picked[j]), int(ranks[j]), top_i[j, :kk].tolist(), top_v[j, :kk].tolist())
     return SamplerOutput(token_ids, lps)
+
+
+def prompt_logprobs(logits: torch.Tensor, specs: list[PromptLogprobSpec]) -> list[PromptLogprobRows]:
+    """Prompt logprobs from the raw logits (no temperature, penalties or bias, as vLLM): ``logits`` holds
+    the rows of ``specs`` one after the other ([sum of len(spec.targets), V]); row i of a spec scores
+    its ``targets[i]``. Rank 1 is the most likely token (ties share the better rank, as in ``sample``).
+    """
+    n = sum(len(sp.targets) for sp in specs)
+    assert logits.shape[0] == n, (logits.shape, n)
+    dev = logits.device
+    targets = torch.tensor([t for sp in specs for t in sp.targets], device=dev, dtype=torch.long)
+    k = max(sp.k for sp in specs)
+    picked_l, ranks_l, top_v_l, top_i_l = [], [], [], []
+    for lo in range(0, n, PROMPT_LOGPROB_SLICE):
+        rows = torch.log_softmax(logits[lo:lo + PROMPT_LOGPROB_SLICE].float(), dim=-1)
+        tgt = targets[lo:lo + PROMPT_LOGPROB_SLICE]
+        picked = rows.gather(1, tgt[:, None])[:, 0]
+        picked_l.append(picked)
+        ranks_l.append((rows > picked[:, None]).sum(-1) + 1)
+        if k:
+            v, i = rows.topk(min(k, rows.shape[1]), dim=-1)
+            top_v_l.append(v)
+            top_i_l.append(i)
+    picked_all = torch.cat(picked_l).tolist()
+    ranks_all = torch.cat(ranks_l).tolist()
+    top_v_all = torch.cat(top_v_l).tolist() if k else [[] for _ in range(n)]
+    top_i_all = torch.cat(top_i_l).tolist() if k else [[] for _ in range(n)]
+    out, at = [], 0
+    for sp in specs:
+        m, kk = len(sp.targets), sp.k
+        out.append(PromptLogprobRows(sp.first, picked_all[at:at + m], ranks_all[at:at + m],
+                                  [r[:kk] for r in top_i_all[at:at + m]],
+                                  [r[:kk] for r in top_v_all[at:at + m]]))
+        at += m
+    return out
 
 
 def _bias_and_penalize(logits: torch.Tensor, i: int, sp: SamplingSpec) -> None:

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 
 from sarathi.kv_cache import BlockManager
 from sarathi.request import Request, RequestStatus
-from sarathi.scheduler.plan import ModelOutput, SamplingSpec, SeqPlan, StepPlan
+from sarathi.scheduler.plan import (
+    ModelOutput,
+    PromptLogprobRows,
+    PromptLogprobSpec,
+    SamplingSpec,
+    SeqPlan,
+    StepPlan,
+)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class SeqUpdate:
     token_id: int | None  # None when the step ran a chunk with no token due, or the request failed
     logprobs: tuple[float, int, list[int], list[float]] | None = None
     error: str | None = None
+    prompt_logprobs: PromptLogprobRows | None = None  # rows of this chunk, when the request asked for them
 
 
 class Scheduler(ABC):
@@ -105,6 +113,10 @@ class Scheduler(ABC):
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0  # computed tokens thrown away by preemptions, all steps
         self._step_id = 0
+        # Requests that want prompt logprobs -> first prompt row not yet scheduled for them. A row, once
+        # scheduled, is never asked for again (a recomputed prompt after preemption asks for none), and
+        # since a request is preempted only with no plan in flight, every scheduled row came back.
+        self._prompt_lp_next: dict[str, int] = {}
 
     @classmethod
     def default_budget(cls, max_model_len: int) -> int:
@@ -143,6 +155,7 @@ class Scheduler(ABC):
     def _release(self, req: Request) -> None:
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
+        self._prompt_lp_next.pop(req.request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -167,11 +180,24 @@ class Scheduler(ABC):
             start = req.num_computed_tokens
             end = start + n
             sample = self._sampling_spec(req) if end == req.num_tokens else None
+            plp = (self._prompt_logprob_spec(req, start, end) if req.params.prompt_logprobs is not None
+                   else None)
             plan.seqs.append(SeqPlan(req.request_id, req.token_ids[start:end], start, list(req.block_ids),
-                                     sample, e.is_decode))
+                                     sample, e.is_decode, plp))
             req.num_computed_tokens = end
             req.num_in_flight += 1
         return plan
+
+    def _prompt_logprob_spec(self, req: Request, start: int, end: int) -> PromptLogprobSpec | None:
+        """The prompt rows of positions ``[start, end)`` still owed to ``req``: row p scores prompt token
+        p + 1, so rows run up to the prompt's second-to-last position."""
+        first = max(start, self._prompt_lp_next.get(req.request_id, 0))
+        last = min(end, req.num_prompt_tokens - 1)
+        if first >= last:
+            return None
+        self._prompt_lp_next[req.request_id] = last
+        k = req.params.prompt_logprobs or 0
+        return PromptLogprobSpec(first, tuple(req.prompt_token_ids[first + 1:last + 1]), k)
 
     def _sampling_spec(self, req: Request) -> SamplingSpec:
         p = req.params
@@ -179,8 +205,10 @@ class Scheduler(ABC):
         if p.min_tokens and req.num_output_tokens < p.min_tokens:
             banned = (*p.stop_token_ids, *(() if p.ignore_eos else self.config.eos_token_ids))
         penalized = p.penalized
+        # best_of > n ranks the candidates by cumulative logprob: the sampled token's logprob is needed.
+        logprobs = p.logprobs if p.logprobs is not None or not p.keeps_best else 0
         return SamplingSpec(
-            p.temperature, p.top_p, p.top_k, p.seed, req.num_output_tokens, p.logprobs, banned,
+            p.temperature, p.top_p, p.top_k, p.seed, req.num_output_tokens, logprobs, banned,
             p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p,
             tuple(p.logit_bias.items()) if p.logit_bias else (),
             tuple(req.prompt_token_ids) if p.repetition_penalty != 1.0 else (),
@@ -199,19 +227,24 @@ class Scheduler(ABC):
                     self._release(req)
                 continue
             err = output.failed.get(sp.req_id)
+            plp = output.prompt_logprobs.get(sp.req_id) if sp.prompt_logprobs is not None else None
+            if err is None and sp.prompt_logprobs is not None and (
+                    plp is None or plp.first != sp.prompt_logprobs.first
+                    or len(plp.logprobs) != len(sp.prompt_logprobs.targets)):
+                err = "the executor returned no (or incomplete) prompt logprobs for this request"
             if err is not None:
                 self.finish_request(req, RequestStatus.FINISHED_ERROR)
                 updates.append(SeqUpdate(req, None, error=err))
                 continue
             tok = output.sampled.get(sp.req_id) if sp.sample is not None else None
             if tok is None:
-                updates.append(SeqUpdate(req, None))
+                updates.append(SeqUpdate(req, None, prompt_logprobs=plp))
                 continue
             req.token_ids.append(tok.token_id)
             status = self._check_stop(req, tok.token_id)
             if status is not None:
                 self.finish_request(req, status)
-            updates.append(SeqUpdate(req, tok.token_id, tok.logprobs))
+            updates.append(SeqUpdate(req, tok.token_id, tok.logprobs, prompt_logprobs=plp))
         return updates
 
     def _check_stop(self, req: Request, tok: int) -> RequestStatus | None:

@@ -42,12 +42,30 @@ class SamplingSpec:
         return self.temperature < 1e-5
 
 
+@dataclass(frozen=True)
+class PromptLogprobSpec:
+    """Prompt logprobs wanted from one chunk: the logits rows at positions ``first ..
+    first + len(targets) - 1``, where the row at position p scores prompt token p + 1, ``targets[i]``
+    being the token at position ``first + i + 1`` (it may lie past the chunk: the next chunk's first
+    token). ``k`` alternatives are returned besides the target.
+
+    Invariant: the rows lie inside the chunk and before the prompt's last token (whose row samples
+    the first output token, not a prompt token).
+    """
+
+    first: int
+    targets: tuple[int, ...]
+    k: int = 0
+
+
 @dataclass
 class SeqPlan:
     """One sequence's share of a step: compute ``token_ids`` at positions ``start ..``.
 
     Invariant: ``block_table`` covers positions ``[0, start + len(token_ids))``; ``sample`` is set exactly
-    when the last of these tokens is the sequence's last known token (a token is due).
+    when the last of these tokens is the sequence's last known token (a token is due);
+    ``prompt_logprobs`` is set only for a request that asked for them and only for prompt rows whose
+    logprobs were not produced by an earlier chunk (a recomputed prompt asks for none again).
     """
 
     req_id: str
@@ -56,6 +74,7 @@ class SeqPlan:
     block_table: list[int]
     sample: SamplingSpec | None = None
     is_decode: bool = False
+    prompt_logprobs: PromptLogprobSpec | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -103,8 +122,22 @@ class SampledToken:
 
 
 @dataclass
+class PromptLogprobRows:
+    """The answer to a ``PromptLogprobSpec``, one entry per row (column-wise, cheap to pickle):
+    ``logprobs[i]`` and ``ranks[i]`` of the target token of the row at position ``first + i``, and
+    its ``top_ids[i]`` / ``top_logprobs[i]`` (the k best, best first)."""
+
+    first: int
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
 class ModelOutput:
-    """The executor's answer to a plan: a token per sequence that had ``sample`` set.
+    """The executor's answer to a plan: a token per sequence that had ``sample`` set, and the prompt
+    logprobs of every sequence that had ``prompt_logprobs`` set.
 
     ``failed`` maps a request id to why it failed (the engine fills it when it isolates a failure).
     """
@@ -113,3 +146,10 @@ class ModelOutput:
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     execute_time: float = 0.0
+    prompt_logprobs: dict[str, PromptLogprobRows] = field(default_factory=dict)
+
+    def merge(self, other: ModelOutput) -> None:
+        """Add the per-request results of ``other`` (a sub-plan of the same step) to this output."""
+        self.sampled.update(other.sampled)
+        self.failed.update(other.failed)
+        self.prompt_logprobs.update(other.prompt_logprobs)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,39 +24,64 @@ from starlette.requests import ClientDisconnect
 
 from sarathi import __version__
 from sarathi.engine import LLMEngine
+from sarathi.errors import InvalidArgument
 from sarathi.server.async_engine import AsyncLLMEngine, StreamBacklog
+from sarathi.server.generation_config import load_generation_defaults, log_generation_defaults
 from sarathi.server.intake import DEFAULT_MAX_BODY_BYTES, APIError
 from sarathi.server.metrics import CONTENT_TYPE
 from sarathi.server.serving import OpenAIServing, error_response
 from sarathi.server.tokens import TokenServing
+from sarathi.tokenizer import load_chat_template
 
 logger = logging.getLogger("sarathi.server")
 
 DEFAULT_BACKLOG = StreamBacklog()
 
 
+def served_model_names(served_model_name: str | Sequence[str] | None, model_name: str) -> list[str]:
+    """``--served-model-name``: one name or several (the first is reported in responses); none: the
+    engine's ``model_name``. Raises InvalidArgument for an empty name."""
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+    if any(not isinstance(n, str) or not n.strip() for n in names):
+        raise InvalidArgument("served_model_name", f"served_model_name: names must be non-empty strings, "
+                                                   f"got {names!r}")
+    return list(dict.fromkeys(names)) or [model_name]
+
+
 def build_app(engine: LLMEngine | AsyncLLMEngine, api_key: str | None = None,
-              served_model_name: str | None = None, max_waiting_requests: int | None = None,
+              served_model_name: str | Sequence[str] | None = None, max_waiting_requests: int | None = None,
               shutdown_timeout: float = 30.0, max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               max_stream_backlog: int | None = DEFAULT_BACKLOG.max_outputs,
-              stream_stall_timeout: float = DEFAULT_BACKLOG.stall_s) -> FastAPI:
+              stream_stall_timeout: float = DEFAULT_BACKLOG.stall_s, chat_template: str | None = None,
+              generation_config: str = "auto") -> FastAPI:
     """An OpenAI-compatible app around ``engine``; the engine thread runs during the app's lifespan.
 
     ``max_request_body_bytes``: larger bodies get 413. ``max_stream_backlog`` / ``stream_stall_timeout``:
     a streamed request whose client leaves more than that many outputs (per prompt) unread and reads
-    nothing for that many seconds is aborted (None: never).
+    nothing for that many seconds is aborted (None: never). ``served_model_name``: one name or a list
+    (every one is accepted and listed by /v1/models; the first is reported in responses).
+    ``chat_template``: a jinja file or template text replacing the model's (``--chat-template``).
+    ``generation_config``: ``auto`` | ``vllm`` | a folder (``--generation-config``): where the default
+    sampling parameters of requests come from. Raises InvalidArgument for a bad one of these three.
     """
+    eng = engine.engine if isinstance(engine, AsyncLLMEngine) else engine
+    names = served_model_names(served_model_name, eng.model_name)
+    template = load_chat_template(chat_template)
+    defaults = load_generation_defaults(generation_config, eng.args.model)
     aeng = engine if isinstance(engine, AsyncLLMEngine) else AsyncLLMEngine(engine, max_waiting_requests)
     if max_waiting_requests is not None:
         aeng.max_waiting_requests = max_waiting_requests
-    name = served_model_name or aeng.engine.model_name
     backlog = None if max_stream_backlog is None else StreamBacklog(max_stream_backlog, stream_stall_timeout)
-    serving = OpenAIServing(aeng, name, max_request_body_bytes, backlog)
+    serving = OpenAIServing(aeng, names, max_request_body_bytes, backlog, template, defaults)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         aeng.start()
-        logger.info("serving %s (max_model_len %d)", name, aeng.engine.max_model_len)
+        logger.info("serving %s (max_model_len %d)", ", ".join(names), aeng.engine.max_model_len)
+        if chat_template is not None:
+            is_file = os.path.isfile(os.path.expanduser(chat_template))
+            logger.info("chat template: %s (--chat-template)", chat_template if is_file else "template text")
+        log_generation_defaults(defaults, generation_config)
         yield
         await aeng.shutdown(shutdown_timeout)
 
@@ -129,10 +155,12 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models(raw: Request) -> dict[str, Any]:
+        """One card per served name, as vLLM lists them (``root``: the model they all serve)."""
         check_key(raw)
-        card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "sarathi",
-                "root": aeng.engine.model_name, "max_model_len": aeng.engine.max_model_len}
-        return {"object": "list", "data": [card]}
+        created = int(time.time())
+        cards = [{"id": n, "object": "model", "created": created, "owned_by": "sarathi",
+                  "root": aeng.engine.model_name, "max_model_len": aeng.engine.max_model_len} for n in names]
+        return {"object": "list", "data": cards}
 
     tokens = TokenServing(serving)
 

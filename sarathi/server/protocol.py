@@ -7,13 +7,14 @@ live in ``SamplingParams`` and in the engine, whose error messages start with th
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from sarathi.errors import InvalidArgument
-from sarathi.outputs import CompletionOutput, Logprob
+from sarathi.outputs import CompletionOutput, Logprob, PromptLogprobs
 from sarathi.sampling_params import SamplingParams
 
 _STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
@@ -52,11 +53,20 @@ class ModelNamed(BaseModel):
         return v if v is None else check_unicode(v)
 
 
+# What temperature, top_p, top_k, min_p and repetition_penalty mean when a request leaves them out (or
+# sends null) and the server has no --generation-config default for them.
+SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
+                                     "repetition_penalty": 1.0}
+
+
 class _SamplingFields(ModelNamed):
-    """Fields shared by both endpoints: OpenAI's names plus vLLM's extras."""
+    """Fields shared by both endpoints: OpenAI's names plus vLLM's extras.
+
+    Invariant: a field of ``SAMPLING_DEFAULTS`` (and ``max_tokens``) is None exactly when the client did
+    not set it; the server's defaults (``--generation-config``) then apply, and a client's value wins."""
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None
+    top_p: float | None = None
     n: int = Field(1, ge=1, le=64)
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -67,30 +77,47 @@ class _SamplingFields(ModelNamed):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extra sampling fields
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: logprobs of the prompt tokens
 
     def check_unsupported(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("stream_options", "stream_options: only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidArgument("prompt_logprobs", "prompt_logprobs: not available when stream is true "
+                                                     "(as in vLLM)")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Build SamplingParams (raises ValueError naming the field)."""
+    def logprob_params(self) -> dict[str, Any]:
+        """The SamplingParams fields about prompt logprobs and best_of."""
+        return {"prompt_logprobs": self.prompt_logprobs}
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """The client's max_tokens; None when it sent none (the server picks the default)."""
+        return self.max_tokens
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """Build SamplingParams (raises ValueError naming the field). ``defaults`` (the server's
+        generation config) fill the fields of ``SAMPLING_DEFAULTS`` the request left unset."""
         self.check_unsupported()
+        base = {**SAMPLING_DEFAULTS, **{k: v for k, v in (defaults or {}).items() if k in SAMPLING_DEFAULTS}}
+        own = {k: getattr(self, k) for k in SAMPLING_DEFAULTS}
+        chosen = {k: base[k] if v is None else v for k, v in own.items()}
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            n=self.n, seed=self.seed, **chosen,
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            min_p=self.min_p, logit_bias=self._logit_bias(),
+            frequency_penalty=self.frequency_penalty, logit_bias=self._logit_bias(), **self.logprob_params(),
         )
 
     def _logit_bias(self) -> dict[int, float] | None:
@@ -111,10 +138,9 @@ class _SamplingFields(ModelNamed):
 
 class CompletionRequest(_SamplingFields):
     prompt: Any
-    max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=64)
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
@@ -136,12 +162,6 @@ class CompletionRequest(_SamplingFields):
         raise ValueError("must be a string, a list of strings, a non-empty list of token ids, "
                          "or a list of such lists")
 
-    @field_validator("max_tokens", mode="before")
-    @classmethod
-    def _default_max_tokens(cls, v: Any) -> Any:
-        """``null`` means the default (16), as in OpenAI's API, not "until the context is full"."""
-        return DEFAULT_COMPLETION_MAX_TOKENS if v is None else v
-
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: strings or token-id lists."""
         p = self.prompt
@@ -153,11 +173,26 @@ class CompletionRequest(_SamplingFields):
         super().check_unsupported()
         if self.suffix:
             raise InvalidArgument("suffix", "suffix: not supported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise InvalidArgument("best_of", "best_of: only best_of == n is supported")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise InvalidArgument("best_of", "best_of: must equal n when stream is true (as in vLLM): the "
+                                             "best sequences are known only at the end")
+
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens: 0``: the prompt (and its logprobs) and nothing generated. The
+        engine still samples one token, which is dropped (and not counted in usage)."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return 1 if self.echo_only else self.max_tokens
+
+    def logprob_params(self) -> dict[str, Any]:
+        """``echo`` with ``logprobs`` needs the prompt tokens' logprobs (with as many alternatives)."""
+        plp = self.prompt_logprobs
         if self.echo and self.logprobs is not None:
-            raise InvalidArgument("echo",
-                                  "echo: echo together with logprobs (prompt logprobs) is not supported")
+            plp = max(plp or 0, self.logprobs)
+        return {"prompt_logprobs": plp, "best_of": self.best_of}
 
 
 class ChatMessage(BaseModel):
@@ -200,12 +235,32 @@ class ChatMessage(BaseModel):
         return msg
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatTemplateFields(BaseModel):
+    """vLLM's fields that shape how ``messages`` are rendered with the chat template (also accepted by
+    ``/tokenize``). ``chat_template_kwargs`` are extra template variables (e.g. ``enable_thinking``);
+    ``continue_final_message`` leaves the last message open for the model to continue (it implies
+    ``add_generation_prompt: false`` unless that is sent as true, which is a 400). A per-request
+    ``chat_template`` is refused (the server's ``--chat-template`` sets it)."""
+
+    model_config = _STRICT
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _kwargs_unicode(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            check_unicode(json.dumps(v, ensure_ascii=False))
+        return v
+
+
+class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    add_generation_prompt: bool = True
 
     def conversation(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
@@ -262,6 +317,44 @@ def completion_logprobs(c: CompletionOutput, start: int, k: int, text_offset: in
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(prompt_ids: list[int], prompt_lps: PromptLogprobs, k: int,
+                  first_text: str) -> dict[str, Any]:
+    """Legacy completions ``logprobs`` of the echoed prompt tokens (text offsets from 0): the first
+    token has no logprob (``null``, as in OpenAI and vLLM), ``first_text`` is its text."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = 0
+    for tok, entry in zip(prompt_ids, prompt_lps, strict=True):
+        if entry is None:
+            text, lp, top = first_text, None, None
+        else:
+            chosen = entry[tok]
+            text, lp = chosen.decoded_token or "", chosen.logprob
+            top = {x.decoded_token or "": x.logprob for x in _top(entry, k)}
+            top.setdefault(text, chosen.logprob)
+        tokens.append(text)
+        token_lps.append(lp)
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def join_logprobs(first: dict[str, Any], then: dict[str, Any] | None) -> dict[str, Any]:
+    """Legacy ``logprobs`` of ``first``'s tokens followed by ``then``'s."""
+    return first if then is None else {key: first[key] + then[key] for key in first}
+
+
+def prompt_logprobs_json(prompt_ids: list[int], prompt_lps: PromptLogprobs, k: int
+                         ) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs`` response field: per prompt token, null for the first, else token id ->
+    {logprob, rank, decoded_token} for the prompt token and the ``k`` most likely tokens."""
+    def one(tok: int, entry: dict[int, Logprob]) -> dict[str, dict[str, Any]]:
+        return {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                for t, lp in entry.items() if t == tok or lp.rank <= k}
+
+    return [None if e is None else one(t, e) for t, e in zip(prompt_ids, prompt_lps, strict=True)]
 
 
 def chat_logprobs(c: CompletionOutput, start: int, k: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -32,6 +32,8 @@ from sarathi.server.async_engine import (
     RequestStream,
     StreamBacklog,
 )
+from sarathi.server.chat import render_chat
+from sarathi.server.generation_config import GenerationDefaults
 from sarathi.server.intake import (
     DEFAULT_MAX_BODY_BYTES,
     APIError,
@@ -73,7 +75,8 @@ class _Job:
     resp_id: str
     model: str
     logprobs: int | None
-    echo_texts: list[str] | None = None
+    echo_texts: list[str] | None = None  # completions with echo: each prompt's text
+    echo_heads: list[str] | None = None  # ... and its first token's text (echo with logprobs)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
     @property
@@ -98,26 +101,76 @@ class _Job:
         return P.completion_logprobs(c, start, self.logprobs, text_offset)
 
     def usage(self, finals: dict[str, RequestOutput]) -> dict[str, int]:
+        """Completion tokens count every generated sequence (best_of candidates too), none for
+        ``echo`` with ``max_tokens: 0`` (whose one sampled token is dropped)."""
         return P.usage(sum(len(g.prompt_token_ids) for g in self.groups),
-                       sum(len(c.token_ids) for o in finals.values() for c in o.outputs))
+                       0 if self.echo_only else sum(o.num_generated_tokens for o in finals.values()))
+
+    @property
+    def echo_only(self) -> bool:
+        return isinstance(self.req, P.CompletionRequest) and self.req.echo_only
+
+    def visible(self, c: CompletionOutput) -> CompletionOutput:
+        """``c`` as the client sees it: with ``echo`` and ``max_tokens: 0``, nothing generated."""
+        if not self.echo_only:
+            return c
+        return dataclasses.replace(c, text="", token_ids=[], logprobs=[] if c.logprobs is not None else None,
+                                   finish_reason="length" if c.finished else None, stop_reason=None)
+
+    def echo_len(self, index: int) -> int:
+        """Characters of echoed prompt before the generated text of choice ``index``."""
+        return len(self.echo_texts[index // self.n]) if self.echo_texts else 0
+
+    def echo_of(self, out: RequestOutput) -> tuple[str, dict[str, Any] | None]:
+        """The echoed prompt of ``out``'s choices and, with ``logprobs``, its tokens' logprobs."""
+        g = int(out.request_id.rsplit("-", 1)[1])
+        assert self.echo_texts is not None
+        if self.logprobs is None or out.prompt_logprobs is None or self.echo_heads is None:
+            return self.echo_texts[g], None
+        return self.echo_texts[g], P.echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, self.logprobs,
+                                                   self.echo_heads[g])
+
+    def prompt_logprobs_of(self, out: RequestOutput) -> list[Any] | None:
+        """vLLM's ``prompt_logprobs`` field, when the request asked for it."""
+        k = self.req.prompt_logprobs
+        if k is None or out.prompt_logprobs is None:
+            return None
+        return P.prompt_logprobs_json(out.prompt_token_ids, out.prompt_logprobs, k)
 
 
 class OpenAIServing:
-    def __init__(self, aengine: AsyncLLMEngine, model_name: str,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backlog: StreamBacklog | None = None) -> None:
+    """The completions and chat endpoints of one engine.
+
+    ``model_names``: the names clients may send (``--served-model-name``; the first is the one responses
+    report). ``chat_template``: the server's template text, replacing the model's (None: the model's).
+    ``defaults``: sampling defaults for fields a request leaves unset (``--generation-config``).
+    """
+
+    def __init__(self, aengine: AsyncLLMEngine, model_names: str | Sequence[str],
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backlog: StreamBacklog | None = None,
+                 chat_template: str | None = None, defaults: GenerationDefaults | None = None) -> None:
         self.aengine = aengine
         self.engine = aengine.engine
-        self.model_name = model_name
+        self.model_names = [model_names] if isinstance(model_names, str) else list(model_names)
+        if not self.model_names:
+            raise ValueError("served_model_name: give at least one name")
+        self.model_name = self.model_names[0]
         self.max_body_bytes = max_body_bytes
         self.backlog = backlog
+        self.chat_template = chat_template
+        self.defaults = defaults or GenerationDefaults()
         self.encoder = PromptEncoder(self.engine.tokenizer, self.engine.max_model_len)
 
     # ---- request preparation (in a worker thread) ------------------------------------------------
     def check_model(self, name: str | None) -> None:
-        """404 for a model we do not serve (as OpenAI and vLLM answer)."""
-        if name is not None and name not in (self.model_name, self.engine.model_name):
-            raise APIError(404, f"model: the model {name!r} does not exist (serving {self.model_name!r})",
-                           "model")
+        """404 for a model we do not serve (as OpenAI and vLLM answer); every served name is accepted."""
+        if name is not None and name not in self.model_names:
+            served = ", ".join(repr(n) for n in self.model_names)
+            raise APIError(404, f"model: the model {name!r} does not exist (serving {served})", "model")
+
+    def render_chat(self, messages: list[dict[str, Any]], fields: P.ChatTemplateFields) -> str:
+        """The prompt text of a chat (raises InvalidArgument naming the field)."""
+        return render_chat(self.engine.tokenizer, messages, fields, self.chat_template)
 
     def _prepare(self, body: bytes, chat: bool) -> _Job:
         """Parse, validate and tokenize: linear in the body's size, so never on the event loop."""
@@ -127,22 +180,27 @@ class OpenAIServing:
         rename = {"prompt": "messages"} if chat else {}
         try:
             if chat:
-                text = tok.apply_chat_template(req.conversation(), req.add_generation_prompt)
+                text = self.render_chat(req.conversation(), req)
                 prompts: list[tuple[str | None, list[int]]] = [(text, enc.encode(text, False))]
-                logprobs, max_tokens = req.num_logprobs, req.requested_max_tokens
+                logprobs = req.num_logprobs
             else:
                 prompts = [(p, enc.encode(p)) if isinstance(p, str) else (None, list(p))
                            for p in req.prompts()]
-                logprobs, max_tokens = req.logprobs, req.max_tokens
-            params = req.sampling_params(max_tokens, logprobs)
+                logprobs = req.logprobs
+            max_tokens = req.requested_max_tokens
+            params = req.sampling_params(max_tokens, logprobs, self.defaults.params)
+            # Without max_tokens in the request: the generation config's max_new_tokens, else 16 for
+            # completions (OpenAI's default) and all the room left for chat; capped by that room.
+            default_max = self.defaults.params.get("max_tokens",
+                                                   None if chat else P.DEFAULT_COMPLETION_MAX_TOKENS)
             resp_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             kv_slots = eng.kv.num_blocks * eng.kv.block_size
             groups = []
             for i, (text, ids) in enumerate(prompts):
                 p = params
-                if max_tokens is None:  # chat: as much as the context and the KV cache allow
-                    p = dataclasses.replace(params, max_tokens=max(1, min(eng.max_model_len, kv_slots)
-                                                                   - len(ids)))
+                if max_tokens is None:
+                    room = max(1, min(eng.max_model_len, kv_slots) - len(ids))
+                    p = dataclasses.replace(params, max_tokens=min(default_max or room, room))
                 groups.append(eng.make_request(f"{resp_id}-{i}", {"prompt": text, "prompt_token_ids": ids},
                                                p))
         except ValueError as e:
@@ -150,6 +208,8 @@ class OpenAIServing:
         job = _Job(chat, req, groups, resp_id, self.model_name, logprobs)
         if not chat and req.echo:
             job.echo_texts = [t if t is not None else tok.decode(ids) for t, ids in prompts]
+            if logprobs is not None:
+                job.echo_heads = [tok.decode(ids[:1], False) for _, ids in prompts]
         return job
 
     def _submit(self, job: _Job, backlog: StreamBacklog | None = None) -> RequestStream:
@@ -209,20 +269,30 @@ class OpenAIServing:
         choices = []
         for g in job.groups:
             out = finals[g.request_id]
-            for c in out.outputs:
+            prefix, echo_lp = job.echo_of(out) if job.echo_texts else ("", None)  # shared by the n choices
+            plp = None if job.chat else job.prompt_logprobs_of(out)
+            for c in map(job.visible, out.outputs):
                 choice: dict[str, Any] = {"index": job.index(out, c),
                                           "logprobs": job.logprobs_of(c, 0, 0),
                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if job.chat:
                     choice["message"] = {"role": "assistant", "content": c.text}
                 else:
-                    prefix = job.echo_texts[job.index(out, c) // job.n] if job.echo_texts else ""
                     choice["text"] = prefix + c.text
+                    if prefix:  # the completion's text offsets start after the echoed prompt
+                        choice["logprobs"] = job.logprobs_of(c, 0, len(prefix))
+                    if echo_lp is not None:
+                        choice["logprobs"] = P.join_logprobs(echo_lp, choice["logprobs"])
+                    if plp is not None:
+                        choice["prompt_logprobs"] = plp
                 choices.append(choice)
         choices.sort(key=lambda ch: ch["index"])
         obj = "chat.completion" if job.chat else "text_completion"
-        return {**P.envelope(job.resp_id, obj, job.model, job.created), "choices": choices,
+        resp = {**P.envelope(job.resp_id, obj, job.model, job.created), "choices": choices,
                 "usage": job.usage(finals)}
+        if job.chat and (plp := job.prompt_logprobs_of(finals[job.groups[0].request_id])) is not None:
+            resp["prompt_logprobs"] = plp  # vLLM puts the chat's prompt logprobs beside the choices
+        return resp
 
     async def _sse(self, job: _Job, stream: RequestStream) -> AsyncIterator[str]:
         """OpenAI's server-sent events: one chunk per new text, then ``data: [DONE]``."""
@@ -244,14 +314,22 @@ class OpenAIServing:
             if job.chat:  # the role comes first, as in OpenAI's streams
                 yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(len(job.groups) * job.n)])
-            elif job.echo_texts:
+            elif job.echo_texts and job.logprobs is None:
                 yield event([{"index": i, "text": job.echo_texts[i // job.n], "logprobs": None,
                               "finish_reason": None} for i in range(len(job.groups) * job.n)])
+            echoed: set[str] = set()
             async for out in stream:
                 if out.finished:
                     finals[out.request_id] = out
+                if job.echo_texts and job.logprobs is not None and out.request_id not in echoed:
+                    # echo with logprobs: the prompt's logprobs come with the group's first output
+                    echoed.add(out.request_id)
+                    text, echo_lp = job.echo_of(out)
+                    first = int(out.request_id.rsplit("-", 1)[1]) * job.n
+                    yield event([{"index": first + j, "text": text, "logprobs": echo_lp,
+                                  "finish_reason": None} for j in range(job.n)])
                 choices = []
-                for c in out.outputs:
+                for c in map(job.visible, out.outputs):
                     i = job.index(out, c)
                     if i in done:
                         continue
@@ -260,7 +338,7 @@ class OpenAIServing:
                     delta, new_tokens = c.text[start:end], len(c.token_ids) > tok_start
                     if not (delta or c.finished or (new_tokens and job.logprobs is not None)):
                         continue
-                    lp = job.logprobs_of(c, tok_start, start)
+                    lp = job.logprobs_of(c, tok_start, start + job.echo_len(i))
                     sent_chars[i], sent_tokens[i] = end, len(c.token_ids)
                     if c.finished:
                         done.add(i)

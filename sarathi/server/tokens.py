@@ -14,18 +14,22 @@ from sarathi.server.intake import APIError, check_content_type, parse, read_body
 from sarathi.server.serving import OpenAIServing, _bad_request
 
 
-class TokenizeRequest(P.ModelNamed):
-    """Either ``prompt`` (text) or ``messages`` (rendered with the chat template first)."""
+class TokenizeRequest(P.ModelNamed, P.ChatTemplateFields):
+    """Either ``prompt`` (text) or ``messages`` (rendered with the chat template first, with the same
+    template fields as ``/v1/chat/completions``)."""
 
     prompt: str | None = None
     messages: list[P.ChatMessage] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
     def text(self) -> str:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidArgument("prompt", "prompt: send exactly one of 'prompt' and 'messages'")
         if self.prompt is not None:
+            chat_only = sorted(self.model_fields_set & set(P.ChatTemplateFields.model_fields))
+            if chat_only:
+                raise InvalidArgument(chat_only[0], f"{chat_only[0]}: only applies to 'messages', not to "
+                                                    "'prompt'")
             return P.check_unicode(self.prompt, "prompt ")
         return ""
 
@@ -55,7 +59,7 @@ class TokenServing:
         try:
             if req.messages is not None and req.prompt is None:
                 conv = [m.for_template() for m in req.messages]
-                text = self.engine.tokenizer.apply_chat_template(conv, req.add_generation_prompt)
+                text = self.serving.render_chat(conv, req)
                 ids = self.engine.tokenizer.encode(text, False)  # the template holds any BOS already
             else:
                 text = req.text()

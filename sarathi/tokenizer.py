@@ -1,7 +1,8 @@
 """Tokenizers (HF `tokenizers` library), chat templates, and incremental detokenization.
 
-HF folders load ``tokenizer.json``; GGUF files with a gpt2-style BPE vocabulary are rebuilt from their
-metadata in well under a second (transformers' own GGUF conversion is the fallback for other kinds).
+HF folders load ``tokenizer.json``; GGUF files (byte-level BPE with any llama.cpp pre-tokenizer we know,
+and SentencePiece) are rebuilt from their metadata in well under a second by ``sarathi.gguf_tokenizer``,
+without transformers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
 from sarathi.errors import InvalidArgument
 from sarathi.model.loader import ModelSource
@@ -147,35 +147,11 @@ def _from_hf_folder(path: str) -> Tokenizer:
 
 
 def _from_gguf(src: ModelSource) -> Tokenizer:
-    meta = src.gguf_meta
-    tokens = src.gguf_field("tokenizer.ggml.tokens")
-    bos_id, eos_id = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
-    template = meta.get("tokenizer.chat_template")
-    if meta.get("tokenizer.ggml.model") != "gpt2" or tokens is None:
-        return _from_gguf_via_transformers(src, eos_id, template)
-    merges = [tuple(m.split(" ", 1)) for m in src.gguf_field("tokenizer.ggml.merges")]
-    tk = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if meta.get("tokenizer.ggml.pre") in ("smollm", "llama-bpe", "qwen2", "deepseek-llm"):
-        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    tk.pre_tokenizer = pre_tokenizers.Sequence(pre)
-    tk.decoder = decoders.ByteLevel()
-    # Control tokens (type 3) are special: never split, and skipped when decoding for users.
-    types = src.gguf_field("tokenizer.ggml.token_type") or []
-    tk.add_special_tokens([tokens[i] for i, ty in enumerate(types) if ty == 3])
-    return Tokenizer(
-        tk, eos_id, tokens[bos_id] if bos_id is not None else None,
-        tokens[eos_id] if eos_id is not None else None, template,
-    )
+    from sarathi.gguf_tokenizer import tokenizer_from_gguf
 
-
-def _from_gguf_via_transformers(src: ModelSource, eos_id: int | None, template: str | None) -> Tokenizer:
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ValueError("model: this GGUF's tokenizer needs `transformers`; or pass an HF folder") from None
-    hf = AutoTokenizer.from_pretrained(os.path.dirname(src.path), gguf_file=os.path.basename(src.path))
-    return Tokenizer(hf.backend_tokenizer, eos_id, hf.bos_token, hf.eos_token, template)
+    built = tokenizer_from_gguf(src.gguf_reader.fields)  # ValueError("model: ...") if unsupported
+    return Tokenizer(built.tokenizer, built.eos_token_id, built.bos_token, built.eos_token,
+                     src.gguf_meta.get("tokenizer.chat_template"))
 
 
 class IncrementalDetokenizer:

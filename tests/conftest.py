@@ -33,6 +33,15 @@ def cpu_kernels():
     return kernels.decode_attention()
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the real model: two OpenMP threads on a busy 2-core machine crawl (6x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def llm():
     """One float32 engine on the default model; tests reconfigure its scheduler as needed."""

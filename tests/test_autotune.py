@@ -152,16 +152,6 @@ def test_tune_cli_local_measures_a_missing_profile(tmp_path, monkeypatch, capsys
     assert "recommended chunk size" in capsys.readouterr().out
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the real model: two OpenMP threads on a busy 2-core machine crawl (6x here)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_llm_chunk_size_auto_generates_the_same_tokens(cache, engine, one_thread) -> None:
     """End to end: ``LLM(chunk_size="auto")`` on the default model picks the tuner's budget and its greedy

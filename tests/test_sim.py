@@ -121,16 +121,6 @@ def _decisions(engine: LLMEngine, prompts: list[list[int]],
     return log
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the real model: two OpenMP threads on a busy 2-core machine crawl."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 SHORT = [(37, 6), (12, 9), (55, 4), (20, 7), (41, 5), (8, 10)]
 # Decodes that outgrow the admission reserve of a 5-block cache: a preemption and recomputation.

@@ -16,7 +16,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from sarathi.executor.pipeline import worker_main
+    from sarathi.executor.pipeline_stage import worker_main
 
     args, model_config, ranges = pickle.loads(sys.stdin.buffer.read())
     world = int(os.environ["SARATHI_PP_WORLD"])

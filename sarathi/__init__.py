@@ -16,18 +16,19 @@ _LAZY = {
     "LLMEngine": "sarathi.engine",
     "EngineArgs": "sarathi.config",
     "SamplingParams": "sarathi.sampling_params",
+    "StructuredOutputsParams": "sarathi.sampling_params",
     "CompletionOutput": "sarathi.outputs",
     "RequestOutput": "sarathi.outputs",
 }
 __all__ = ["LLM", "CompletionOutput", "EngineArgs", "LLMEngine", "RequestOutput", "SamplingParams",
-           "__version__"]
+           "StructuredOutputsParams", "__version__"]
 
 if TYPE_CHECKING:
     from sarathi.config import EngineArgs
     from sarathi.engine import LLMEngine
     from sarathi.llm import LLM
     from sarathi.outputs import CompletionOutput, RequestOutput
-    from sarathi.sampling_params import SamplingParams
+    from sarathi.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:

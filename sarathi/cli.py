@@ -90,7 +90,10 @@ def _serve(ns: argparse.Namespace) -> int:
                       shutdown_timeout=ns.shutdown_timeout, log_level=ns.log_level,
                       chat_template=ns.chat_template, generation_config=ns.generation_config,
                       max_request_body_bytes=ns.max_request_body_bytes, max_stream_backlog=backlog,
-                      stream_stall_timeout=ns.stream_stall_timeout)
+                      stream_stall_timeout=ns.stream_stall_timeout,
+                      enable_auto_tool_choice=ns.enable_auto_tool_choice,
+                      tool_call_parser=ns.tool_call_parser,
+                      exclude_tools_when_tool_choice_none=ns.exclude_tools_when_tool_choice_none)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
@@ -132,6 +135,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpars
                    help="default sampling parameters of requests that do not set them: auto: the model's "
                         "generation_config.json (HF folders; GGUF files have none); vllm: none; FOLDER: "
                         "FOLDER/generation_config.json (default: auto)")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="parse tool calls out of the output of chat requests with tools (tool_choice 'auto', "
+                        "the default when tools are sent) with --tool-call-parser; without it such requests "
+                        "are refused (as vLLM)")
+    s.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help="how tool calls are written in the model's output, for --enable-auto-tool-choice: "
+                        "hermes (<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>: Hermes 2 Pro, "
+                        "Qwen2.5, Qwen3)")
+    s.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="with tool_choice 'none', leave the tools out of the prompt (default: they are "
+                        "rendered, and no call is parsed)")
     s.add_argument("--max-waiting-requests", type=int, default=None,
                    help="refuse new requests with 429 while this many are waiting (default: unbounded)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,

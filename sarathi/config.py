@@ -49,6 +49,8 @@ class EngineArgs:
                                               "policy default 512); auto: chosen by `sarathi tune` for this "
                                               "model on this machine's measured profile")
     max_num_seqs: int = _arg(256, "most sequences in one step")
+    enable_prefix_caching: bool = _arg(True, "reuse the KV of full blocks of prompt prefixes computed "
+                                             "before (shared system prompts, chat history, preemptions)")
     max_num_batched_tokens: int | None = _arg(None, "token budget per step of the non-chunking policies "
                                                     "(default: max(max_model_len, 16384))")
     tile_size: int | None = _arg(None, "sarathi: round the budget down to a multiple of this GEMM tile")
@@ -92,6 +94,8 @@ class EngineArgs:
             raise InvalidArgument("chunk_size", f"chunk_size must be a positive integer or 'auto', got {c!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if _base_type(f.type) is bool and not isinstance(v, bool):
+                raise InvalidArgument(f.name, f"{f.name} must be true or false, got {v!r}")
             if _base_type(f.type) is int and not (v is None and _optional(f.type)):
                 if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and f.name != "seed"):
                     raise InvalidArgument(f.name, f"{f.name} must be a positive integer, got {v!r}")
@@ -180,8 +184,12 @@ class EngineArgs:
             kind = _base_type(f.type)
             if f.name in defaults:
                 help_text = help_text.split(" (default")[0] + " (default: %(default)s)"
-            g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name,
-                           default=defaults.get(f.name, f.default),
+            flag = f"--{f.name.replace('_', '-')}"
+            if kind is bool:  # --flag / --no-flag, as vLLM
+                g.add_argument(flag, dest=f.name, default=defaults.get(f.name, f.default),
+                               action=argparse.BooleanOptionalAction, help=help_text, **meta)
+                continue
+            g.add_argument(flag, dest=f.name, default=defaults.get(f.name, f.default),
                            type=kind if kind in (int, float) else str, help=help_text, **meta)
 
     @classmethod
@@ -218,7 +226,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def _resolve(tp: Any) -> Any:
-    return eval(tp, {"int": int, "str": str, "float": float, "None": None}) if isinstance(tp, str) else tp
+    names = {"int": int, "str": str, "float": float, "bool": bool, "None": None}
+    return eval(tp, names) if isinstance(tp, str) else tp
 
 
 def _base_type(tp: Any) -> type:

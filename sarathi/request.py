@@ -53,6 +53,8 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     num_in_flight: int = 0  # plans holding this request that have not come back yet
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache at the last admission
+    num_registered_blocks: int = 0  # leading full blocks recorded in (or taken from) the prefix cache
     stop_reason: int | str | None = None
 
     def __post_init__(self) -> None:

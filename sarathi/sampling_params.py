@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from sarathi.errors import InvalidArgument
 
@@ -18,6 +19,102 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed acc
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_REPETITION_PENALTY = 100.0
 MAX_BEST_OF = 64  # as the server's limit on n: each candidate is a full sequence in the KV cache
+MAX_STRUCTURED_SPEC_CHARS = 1 << 20  # a schema / regex / grammar longer than this is refused
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a JSON schema, any JSON object, a regex, one of several strings or an
+    EBNF grammar (vLLM's ``StructuredOutputsParams``; compiled with xgrammar, see ``sarathi.structured``).
+
+    Exactly one of ``json`` (a JSON schema: a dict, or its JSON text), ``json_object`` (True: any JSON
+    object), ``regex``, ``choice`` (a non-empty list of strings) and ``grammar`` (xgrammar's EBNF:
+    ``root ::= ...``) is given. ``disable_any_whitespace`` makes JSON compact (no free whitespace
+    between tokens: small models otherwise tend to emit runs of newlines). JSON schemas are strict
+    (no properties or items beyond those the schema declares), so ``disable_additional_properties`` is
+    always in effect, and there is no fallback backend, so ``disable_fallback`` changes nothing; both
+    are accepted for vLLM compatibility. ``whitespace_pattern`` and ``structural_tag`` are not supported.
+
+    Invariant: after construction the spec parses (a bad schema, regex or grammar raises
+    ``InvalidArgument`` naming ``structured_outputs.<kind>``); ``kind`` and ``spec`` (canonical: a
+    schema as compact JSON text, keys in their order) say what to compile. ``field_name`` is the
+    request field the engine names in later errors (the server sets it to the field the client used).
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    disable_fallback: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+    kind: str = field(default="", init=False)
+    spec: Any = field(default=None, init=False, repr=False)
+    field_name: str = field(default="structured_outputs", init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        base = "structured_outputs"
+        for name in ("disable_any_whitespace", "disable_additional_properties", "disable_fallback"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgument(f"{base}.{name}", f"{base}.{name}: must be a boolean")
+        for name in ("whitespace_pattern", "structural_tag"):
+            if getattr(self, name) is not None:
+                raise InvalidArgument(f"{base}.{name}", f"{base}.{name}: not supported (xgrammar backend)")
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise InvalidArgument(f"{base}.json_object", f"{base}.json_object: must be a boolean")
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            name = f"{base}.{given[1]}" if len(given) > 1 else base
+            which = f"got {', '.join(given)}" if given else "got none"
+            raise InvalidArgument(name, f"{name}: give exactly one of json, json_object, regex, choice, "
+                                        f"grammar ({which})")
+        kind = given[0]
+        name = f"{base}.{kind}"
+        spec: Any = getattr(self, kind)
+        if kind == "json":
+            from sarathi.structured.grammar import canonical_json
+
+            if not isinstance(spec, str | dict | bool):
+                raise InvalidArgument(name, f"{name}: must be a JSON schema (an object or its JSON text)")
+            try:
+                spec = canonical_json(spec)
+            except ValueError as e:
+                raise InvalidArgument(name, f"{name}: {e}") from None
+        elif kind == "choice":
+            if (not isinstance(spec, list | tuple) or not spec
+                    or any(not isinstance(c, str) for c in spec)):
+                raise InvalidArgument(name, f"{name}: must be a non-empty list of strings")
+            spec = list(dict.fromkeys(spec))
+        elif kind in ("regex", "grammar"):
+            if not isinstance(spec, str) or not spec:
+                raise InvalidArgument(name, f"{name}: must be a non-empty string")
+        else:
+            spec = None
+        size = len(spec) if isinstance(spec, str) else sum(len(c) + 1 for c in spec or ())
+        if size > MAX_STRUCTURED_SPEC_CHARS:
+            raise InvalidArgument(name, f"{name}: longer than {MAX_STRUCTURED_SPEC_CHARS} characters")
+        from sarathi.structured.grammar import parse
+
+        try:
+            parse(kind, spec, not self.disable_any_whitespace)
+        except ValueError as e:
+            raise InvalidArgument(name, f"{name}: invalid {_WHAT[kind]}: {e}") from None
+        self.kind, self.spec = kind, spec
+
+    @property
+    def cache_key(self) -> tuple:
+        """What the compiled grammar depends on."""
+        spec = tuple(self.spec) if isinstance(self.spec, list) else self.spec
+        return (self.kind, spec, self.disable_any_whitespace)
+
+
+_WHAT = {"json": "JSON schema", "json_object": "JSON object", "regex": "regex", "choice": "choice",
+         "grammar": "EBNF grammar"}
 
 
 @dataclass
@@ -40,6 +137,10 @@ class SamplingParams:
     ``best_of`` (>= n; vLLM V0 / OpenAI semantics) generates ``best_of`` sequences and returns the ``n``
     with the highest cumulative logprob of their sampled tokens, best first; it needs sampling
     (``temperature > 0``): greedy candidates would all be the same sequence.
+
+    ``structured_outputs`` (a ``StructuredOutputsParams`` or a dict of its fields) constrains every
+    sequence to a JSON schema, regex, choice or grammar; the sequence stops (``finish_reason`` "stop")
+    when the grammar is complete.
     """
 
     n: int = 1
@@ -63,6 +164,7 @@ class SamplingParams:
     detokenize: bool = True
     prompt_logprobs: int | None = None
     best_of: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     _stop: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +231,14 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a boolean")
+        so = self.structured_outputs
+        if isinstance(so, dict):
+            try:
+                so = self.structured_outputs = StructuredOutputsParams(**so)
+            except TypeError as e:
+                raise InvalidArgument("structured_outputs", f"structured_outputs: {e}") from None
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise bad("structured_outputs", "a StructuredOutputsParams (or a dict of its fields)")
         if not self.detokenize and self._stop:
             raise InvalidArgument("detokenize", "detokenize: stop strings need text; they cannot be used "
                                                 "with detokenize=False")

@@ -12,9 +12,10 @@ import os
 from typing import Any
 
 from jinja2 import TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from sarathi.chat_template import compile_template
+from sarathi.chat_template import render as chat_template_render
 from sarathi.errors import InvalidArgument
 from sarathi.model.loader import ModelSource
 
@@ -35,6 +36,11 @@ class Tokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.chat_template = chat_template
+        # Named templates besides the default (HF's list form, GGUF's tokenizer.chat_template.NAME); a
+        # "tool_use" one renders chats with tools, as transformers picks it.
+        self.named_chat_templates: dict[str, str] = {}
+        # Special tokens a template may read besides bos_token / eos_token (unk_token, pad_token, ...).
+        self.extra_special_tokens: dict[str, str] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -52,29 +58,53 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tk.id_to_token(token_id)
 
-    def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-        chat_template: str | None = None, **template_kwargs: Any,
-    ) -> str:
-        """Render ``messages``; ``template_kwargs`` are extra template variables (e.g. vLLM's
-        ``chat_template_kwargs`` such as ``enable_thinking``), as in transformers."""
-        template = chat_template or self.chat_template
-        if not template:
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special tokens a chat template sees, as transformers' ``special_tokens_map``: only the
+        ones this tokenizer has (a template reading a missing ``bos_token`` gets jinja's undefined)."""
+        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, **self.extra_special_tokens}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def template_for(self, chat_template: str | None = None, tools: list[Any] | None = None) -> str:
+        """The template that renders a chat: ``chat_template`` if given, else the "tool_use" named
+        template when there are tools and the model has one, else the model's (transformers' rule)."""
+        if chat_template:
+            return chat_template
+        if tools is not None and "tool_use" in self.named_chat_templates:
+            return self.named_chat_templates["tool_use"]
+        if not self.chat_template:
             raise InvalidArgument("messages",
                                   "messages: this model has no chat template; pass chat_template=...")
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages
-        ):
+        return self.chat_template
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        chat_template: str | None = None, *, tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render ``messages`` to text exactly as transformers' ``apply_chat_template(..., tokenize=False)``
+        does (``sarathi.chat_template``): ``tools`` and ``documents`` reach the template as such;
+        ``template_kwargs`` are extra template variables (e.g. vLLM's ``chat_template_kwargs`` such as
+        ``enable_thinking``). Raises InvalidArgument, or jinja2's TemplateError when the template fails
+        (``raise_exception`` included)."""
+        template = self.template_for(chat_template, tools)
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise InvalidArgument("messages",
                                   "messages: must be a list of {'role': ..., 'content': ...} objects")
-        return _compile(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **template_kwargs,
-        )
+        return chat_template_render(template, messages, tools=tools, documents=documents,
+                                    add_generation_prompt=add_generation_prompt,
+                                    continue_final_message=continue_final_message,
+                                    special_tokens=self.special_tokens_map, **template_kwargs)
 
     @classmethod
     def load(cls, src: ModelSource) -> Tokenizer:
-        return _from_gguf(src) if src.kind == "gguf" else _from_hf_folder(src.path)
+        tok = _from_gguf(src) if src.kind == "gguf" else _from_hf_folder(src.path)
+        if src.kind == "gguf":  # llama.cpp writes HF's named templates as tokenizer.chat_template.NAME
+            prefix = "tokenizer.chat_template."
+            tok.named_chat_templates = {k[len(prefix):]: v for k, v in src.gguf_meta.items()
+                                        if k.startswith(prefix) and isinstance(v, str)}
+        return tok
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -109,15 +139,8 @@ def load_chat_template(value: str | None) -> str | None:
     return template
 
 
-def _raise(message: str) -> None:
-    raise InvalidArgument("messages", f"messages: the chat template refused them: {message}")
-
-
 def _compile(template: str) -> Any:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent, ensure_ascii=False)
-    return env.from_string(template)
+    return compile_template(template)
 
 
 def _token_str(value: Any) -> str | None:
@@ -135,15 +158,27 @@ def _from_hf_folder(path: str) -> Tokenizer:
         with open(conf_path) as f:
             conf = json.load(f)
     template = conf.get("chat_template")
-    if isinstance(template, list):  # named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    named: dict[str, str] = {}
+    if isinstance(template, list):  # named templates: the default one, and the others by name
+        named = {t["name"]: t["template"] for t in template if isinstance(t, dict) and "name" in t}
+        template = named.pop("default", None)
     jinja_path = os.path.join(path, "chat_template.jinja")
     if template is None and os.path.isfile(jinja_path):
         with open(jinja_path) as f:
             template = f.read()
+    extra_dir = os.path.join(path, "additional_chat_templates")  # transformers 4.54+: NAME.jinja files
+    if os.path.isdir(extra_dir):
+        for name in sorted(os.listdir(extra_dir)):
+            if name.endswith(".jinja"):
+                with open(os.path.join(extra_dir, name)) as f:
+                    named.setdefault(name[:-len(".jinja")], f.read())
     eos = _token_str(conf.get("eos_token"))
-    return Tokenizer(tk, tk.token_to_id(eos) if eos else None, _token_str(conf.get("bos_token")),
-                     eos, template)
+    tok = Tokenizer(tk, tk.token_to_id(eos) if eos else None, _token_str(conf.get("bos_token")), eos,
+                    template)
+    tok.named_chat_templates = named
+    others = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+    tok.extra_special_tokens = {k: v for k in others if isinstance(v := _token_str(conf.get(k)), str)}
+    return tok
 
 
 def _from_gguf(src: ModelSource) -> Tokenizer:

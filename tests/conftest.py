@@ -58,7 +58,7 @@ def engine(llm):
     eng.abort_request(list(eng.groups))
     assert eng.kv.num_free_blocks == eng.kv.num_blocks, "a test leaked KV blocks"
     eng.reconfigure(scheduler="sarathi", chunk_size=None, max_num_seqs=256, num_kv_blocks=None,
-                    max_num_batched_tokens=None, tile_size=None, block_size=16)
+                    max_num_batched_tokens=None, tile_size=None, block_size=16, enable_prefix_caching=True)
 
 
 @pytest.fixture(scope="session")

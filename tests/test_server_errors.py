@@ -212,3 +212,32 @@ def test_failing_request_does_not_fail_concurrent_innocents(server, llm, monkeyp
     assert [r.status_code for r in results.values()] == [200] * len(prompts)
     assert texts == alone
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+@pytest.mark.parametrize("field,value", [("allowed_token_ids", [1, 2]), ("bad_words", ["x"]),
+                                         ("use_beam_search", True), ("length_penalty", 0.5),
+                                         ("truncate_prompt_tokens", 8)])
+def test_unimplemented_vllm_fields_are_400_not_ignored(server, field, value):
+    """Known vLLM fields we do not implement: a 400 naming them, never silently dropped; their
+    defaults (which some clients always send) are accepted."""
+    _assert_error(_post(server, "/v1/completions", {**GOOD, field: value}), 400, field)
+    default = {"allowed_token_ids": None, "bad_words": [], "use_beam_search": False, "length_penalty": 1.0,
+               "truncate_prompt_tokens": None}[field]
+    assert _post(server, "/v1/completions", {**GOOD, field: default}).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    _assert_error(_post(server, "/v1/chat/completions", {**chat, "echo": True}), 400, "echo")
+
+
+def test_prefix_cache_hits_show_in_usage_and_metrics(server):
+    """A repeated long prompt is served from the prefix cache: usage reports cached tokens (OpenAI's
+    prompt_tokens_details) and /metrics counts the hits."""
+    body = {"prompt": "The history of bread begins in the Neolithic. " * 12, "max_tokens": 2,
+            "temperature": 0}
+    first = _post(server, "/v1/completions", body).json()
+    again = _post(server, "/v1/completions", body).json()
+    assert first["choices"][0]["text"] == again["choices"][0]["text"]
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < again["usage"]["prompt_tokens"]
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    hits = [line for line in text.splitlines() if line.startswith("sarathi_prefix_cache_hits_total")]
+    assert hits and float(hits[0].split()[-1]) >= cached

@@ -78,7 +78,8 @@ def test_simulated_pipeline_trace_lanes_never_overlap(tmp_path) -> None:
     from sarathi import LLM
 
     path = tmp_path / "sim.json"
-    with LLM(executor="simulated", pipeline_parallel_size=2, chunk_size=16, trace=str(path)) as llm:
+    with LLM(executor="simulated", pipeline_parallel_size=2, chunk_size=16, trace=str(path),
+             enable_prefix_caching=False) as llm:  # (repeated prompts: every token is computed)
         llm.generate(PROMPTS * 3, PARAMS, use_tqdm=False)
         n_steps, n_prompt = llm.engine.stats.num_steps, 3 * prompt_lengths(llm)
     spans, doc = load(path)

@@ -195,6 +195,13 @@ def add_bench_parser(sub: Any, handlers: dict[str, Handler]) -> None:
     soak.add_arguments(k)
     commands["soak"] = soak.run
 
+    from sarathi.bench import prefix
+
+    pc = bsub.add_parser("prefix", help="automatic prefix caching on vs off: multi-turn chats with a shared "
+                         "system prompt, and a no-reuse workload")
+    prefix.add_arguments(pc)
+    commands["prefix"] = prefix.run
+
     from sarathi.bench import pipeline as pipe
 
     pl = bsub.add_parser("pipeline", help="pipeline bubbles per policy: PP=2 (one thread per rank) vs PP=1, "

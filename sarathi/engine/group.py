@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sarathi.outputs import RequestMetrics
@@ -23,6 +23,9 @@ class RequestGroup:
     metrics: RequestMetrics
     aborted: bool = False
     error: str | None = None  # why the group failed inside a step, if it did
+    # Structured outputs: one grammar matcher per sequence (``sarathi.structured.GrammarState``), handed
+    # to the scheduler with its sequence; empty when the request is not constrained.
+    constraints: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def params(self) -> SamplingParams:

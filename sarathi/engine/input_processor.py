@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import fields
+from typing import Any
 
 from sarathi.engine.group import PromptType, RequestGroup
 from sarathi.errors import InvalidArgument
@@ -19,11 +20,14 @@ class InputProcessor:
 
     Everything that could break a shared step later (token ids outside the vocabulary, a request that
     can never fit the context or the KV cache) is refused here, before the request joins a batch.
+    Structured outputs are compiled here (``structured``, a ``sarathi.structured.StructuredOutputs``;
+    None: refused), never inside a step; the server calls this from a worker thread.
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_model_len: int,
                  kv_slots: Callable[[], int], clock: Callable[[], float] = time.time,
-                 prompt_logprobs: bool = True) -> None:
+                 prompt_logprobs: bool = True, structured: Any = None,
+                 structured_refusal: str = "not supported by this engine") -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -31,6 +35,8 @@ class InputProcessor:
         self.clock = clock
         # False when the executor cannot return prompt logprobs (a pipeline, the simulator): refused here.
         self.prompt_logprobs = prompt_logprobs
+        self.structured = structured
+        self.structured_refusal = structured_refusal
 
     def make_group(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                    arrival_time: float | None = None) -> RequestGroup:
@@ -63,6 +69,7 @@ class InputProcessor:
         if len(ids) + max_tokens > kv_slots:
             raise InvalidArgument("max_tokens", f"max_tokens: prompt + max_tokens = {len(ids) + max_tokens} "
                                                 f"tokens do not fit in the KV cache ({kv_slots} tokens)")
+        compiled = self._compile(params) if params.structured_outputs is not None else None
         now = self.clock() if arrival_time is None else arrival_time
         seqs = []
         num_seqs = params.num_seqs  # best_of candidates, of which the output keeps the n best
@@ -78,7 +85,23 @@ class InputProcessor:
                 p = SamplingParams(**{**_fields(params), **changes})
             seq_id = request_id if num_seqs == 1 else f"{request_id}#{i}"
             seqs.append(Request(seq_id, ids, p, arrival_time=now, max_tokens=max_tokens, group_id=request_id))
-        return RequestGroup(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
+        group = RequestGroup(request_id, text, ids, seqs, RequestMetrics(arrival_time=now))
+        if compiled is not None:
+            group.constraints = [self.structured.new_state(compiled) for _ in seqs]
+        return group
+
+    def _compile(self, params: SamplingParams) -> Any:
+        """The compiled grammar of ``params.structured_outputs`` (raises InvalidArgument naming the
+        request field it came from)."""
+        so = params.structured_outputs
+        assert so is not None
+        name = so.field_name
+        if self.structured is None:
+            raise InvalidArgument(name, f"{name}: structured outputs are {self.structured_refusal}")
+        try:
+            return self.structured.compile(so)
+        except ValueError as e:
+            raise InvalidArgument(name, f"{name}: cannot be compiled for this model: {e}") from None
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -32,6 +32,7 @@ from sarathi.outputs import RequestOutput
 from sarathi.request import RequestStatus
 from sarathi.sampling_params import SamplingParams
 from sarathi.scheduler import ModelOutput, SchedulerConfig, SeqUpdate, StepPlan, make_scheduler
+from sarathi.structured import StructuredOutputs
 from sarathi.tokenizer import Tokenizer
 from sarathi.trace import Tracer
 
@@ -132,9 +133,11 @@ class LLMEngine:
         name = "pipeline" if args.pipeline_parallel_size > 1 and args.executor == "local" else args.executor
         self.executor = (executor_class or get_executor_class(name))(args, cfg)
         self.dtype = getattr(self.executor, "dtype", None)
+        self.structured, refusal = self._structured_outputs()
         self.input = InputProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len,
                                     lambda: self.kv.num_blocks * self.kv.block_size, clock,
-                                    getattr(self.executor, "supports_prompt_logprobs", False))
+                                    getattr(self.executor, "supports_prompt_logprobs", False),
+                                    self.structured, refusal)
         self.output = OutputProcessor(self.tokenizer)
         self.stats = EngineStats(bubble_report=self.executor.bubble_report)
         self._in_flight: deque[_InFlight] = deque()
@@ -144,11 +147,22 @@ class LLMEngine:
                     self.model_name, self.dtype, self.executor.name, self.kv.num_blocks, args.block_size,
                     args.scheduler)
 
+    def _structured_outputs(self) -> tuple[StructuredOutputs | None, str]:
+        """The grammar compiler (nothing is loaded until the first structured request), or None and why
+        structured outputs are refused: the executor must apply the masks that plans carry (the local
+        one does; a pipeline or the simulator does not declare it), and there must be a tokenizer."""
+        if not getattr(self.executor, "supports_structured_outputs", False):
+            return None, (f"not supported by the {self.executor.name} executor (only the local executor, "
+                          "pipeline_parallel_size 1)")
+        if not hasattr(self.tokenizer, "_tk"):
+            return None, "not supported without the model's tokenizer"
+        return StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids), ""
+
     def _build_runtime(self) -> None:
         """(Re)build the KV cache and the scheduler around the loaded model."""
         args = self.args
         num_blocks = args.num_kv_blocks or self.executor.num_kv_blocks(args.kv_cache_bytes(), args.block_size)
-        self.kv = BlockManager(num_blocks, args.block_size)
+        self.kv = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         chunk = args.chunk_size
         if chunk == "auto":  # the tuner's pick for this model on this machine (profiled once, cached)
             from sarathi.sim.autotune import auto_chunk_size
@@ -165,7 +179,7 @@ class LLMEngine:
         self.executor.reseed(args.seed)
 
     RUNTIME_FIELDS = ("scheduler", "chunk_size", "max_num_seqs", "max_num_batched_tokens", "tile_size",
-                      "block_size", "num_kv_blocks", "kv_cache_memory", "seed")
+                      "block_size", "num_kv_blocks", "kv_cache_memory", "seed", "enable_prefix_caching")
 
     def reconfigure(self, **changes: Any) -> None:
         """Switch scheduler policy / budget / KV size without reloading the model (sarathi extension,
@@ -234,8 +248,9 @@ class LLMEngine:
         if group.request_id in self.output.groups:
             raise InvalidArgument("request_id", f"request_id: {group.request_id!r} is already in use")
         self.output.add(group)
-        for s in group.seqs:
-            self.scheduler.add_request(s)
+        constraints = group.constraints or [None] * len(group.seqs)
+        for s, c in zip(group.seqs, constraints, strict=True):
+            self.scheduler.add_request(s, c)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:

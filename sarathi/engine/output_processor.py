@@ -156,4 +156,5 @@ class OutputProcessor:
         plp = self.prompt_logprobs.get(g.request_id)
         return RequestOutput(g.request_id, g.prompt, g.prompt_token_ids, comps, g.finished, g.metrics,
                              error=g.error, prompt_logprobs=list(plp) if plp is not None else None,
-                             num_generated_tokens=sum(s.num_output_tokens for s in g.seqs))
+                             num_generated_tokens=sum(s.num_output_tokens for s in g.seqs),
+                             num_cached_tokens=max(s.num_cached_tokens for s in g.seqs))

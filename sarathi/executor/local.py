@@ -28,6 +28,8 @@ class LocalExecutor(Executor):
 
     name = "local"
     supports_prompt_logprobs = True  # the engine refuses prompt_logprobs with executors lacking this
+    # Grammar masks arrive in the plan (SamplingSpec.token_bitmask) and are applied by ``sample``.
+    supports_structured_outputs = True
 
     def __init__(self, args: EngineArgs, model_config: ModelConfig) -> None:
         from sarathi.model.loader import load_model, resolve_model

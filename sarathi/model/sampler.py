@@ -25,14 +25,26 @@ def sample(logits: torch.Tensor, specs: list[SamplingSpec], generator: torch.Gen
     request with a ``seed`` draws its noise from a generator of its own, seeded afresh from
     (seed, output position): it reproduces whatever else is in the batch, and a step that is retried
     (to isolate a failing batch-mate) draws the same noise again. Greedy rows take the plain argmax.
+
+    Structured outputs: the rows whose spec has a ``token_bitmask`` are masked first, all in one batched
+    call; a grammar wins over ``min_tokens`` (when its only allowed tokens are banned, the ban yields).
     """
     n, vocab = logits.shape
     dev = logits.device
+    constrained = [i for i, sp in enumerate(specs) if sp.token_bitmask is not None]
+    if constrained:
+        from sarathi.structured import apply_bitmasks
+
+        apply_bitmasks(logits, constrained, [specs[i].token_bitmask for i in constrained])  # type: ignore[misc]
     # min_tokens: forbid EOS and stop tokens until enough tokens were generated.
     for i, sp in enumerate(specs):
         banned = [t for t in sp.banned if t < vocab]
         if banned:
-            logits[i, torch.tensor(banned, device=dev)] = float("-inf")
+            ids = torch.tensor(banned, device=dev)
+            kept = logits[i, ids].clone() if sp.token_bitmask is not None else None
+            logits[i, ids] = float("-inf")
+            if kept is not None and bool(torch.isneginf(logits[i].max())):
+                logits[i, ids] = kept  # the grammar allows nothing else: it has ended
         _bias_and_penalize(logits, i, sp)
     greedy = torch.tensor([sp.greedy for sp in specs], device=dev)
     chosen = logits.argmax(dim=-1)

@@ -8,6 +8,12 @@ sampled token has nothing left to compute, so no policy schedules it until its t
 the next chunk of a prompt may be scheduled behind the previous one (stages run plans in order, so
 its KV is written before it is read).
 
+Structured outputs: a constrained sequence comes with a ``TokenConstraint`` (its grammar matcher, see
+``sarathi.structured``), kept here beside the request. ``schedule()`` puts the matcher's next-token mask
+in the ``SamplingSpec`` of a sequence whose token is due; ``update_from_output`` advances the matcher
+once per appended token, so preemption (generated tokens are recomputed, not regenerated) and retried
+steps never advance it twice, and finishes the sequence ("stop") when the grammar has ended.
+
 Pure Python, no torch and no clock, so the same policies drive the real engine and a simulator.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sarathi.kv_cache import BlockManager
 from sarathi.request import Request, RequestStatus
@@ -52,6 +59,20 @@ class SchedulerConfig:
             raise ValueError(f"chunk_size / max_num_batched_tokens must be >= 1, got {self.token_budget}")
         if self.tile_size is not None and self.tile_size < 1:
             raise ValueError(f"tile_size must be >= 1, got {self.tile_size}")
+
+
+class TokenConstraint(Protocol):
+    """A sequence's grammar matcher (``sarathi.structured.GrammarState``)."""
+
+    def next_mask(self) -> bytes | None:
+        """The allowed-token bitmask for the next token (None: every token is allowed)."""
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past ``token_id``; False if it is not allowed."""
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar has ended (its stop token was accepted)."""
 
 
 @dataclass
@@ -117,6 +138,8 @@ class Scheduler(ABC):
         # scheduled, is never asked for again (a recomputed prompt after preemption asks for none), and
         # since a request is preempted only with no plan in flight, every scheduled row came back.
         self._prompt_lp_next: dict[str, int] = {}
+        # Structured outputs: the grammar matcher of each constrained sequence, by request id.
+        self._grammars: dict[str, TokenConstraint] = {}
 
     @classmethod
     def default_budget(cls, max_model_len: int) -> int:
@@ -124,9 +147,12 @@ class Scheduler(ABC):
         return max(max_model_len, 16384)
 
     # ---- queue management -------------------------------------------------------------------
-    def add_request(self, req: Request) -> None:
+    def add_request(self, req: Request, constraint: TokenConstraint | None = None) -> None:
+        """Queue ``req``; ``constraint`` is its grammar matcher when it has structured outputs."""
         if req.request_id in self.requests:
             raise ValueError(f"request_id: {req.request_id!r} is already in use")
+        if constraint is not None:
+            self._grammars[req.request_id] = constraint
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.append(req)
@@ -153,9 +179,12 @@ class Scheduler(ABC):
             self._release(req)
 
     def _release(self, req: Request) -> None:
+        if req.status is not RequestStatus.FINISHED_ERROR:  # (a failed step may have left bad K/V)
+            self.kv.register(req)  # e.g. a chat turn: the next turn's prompt starts with this one
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
         self._prompt_lp_next.pop(req.request_id, None)
+        self._grammars.pop(req.request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -207,12 +236,14 @@ class Scheduler(ABC):
         penalized = p.penalized
         # best_of > n ranks the candidates by cumulative logprob: the sampled token's logprob is needed.
         logprobs = p.logprobs if p.logprobs is not None or not p.keeps_best else 0
+        grammar = self._grammars.get(req.request_id) if self._grammars else None
         return SamplingSpec(
             p.temperature, p.top_p, p.top_k, p.seed, req.num_output_tokens, logprobs, banned,
             p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p,
             tuple(p.logit_bias.items()) if p.logit_bias else (),
             tuple(req.prompt_token_ids) if p.repetition_penalty != 1.0 else (),
-            tuple(req.output_token_ids) if penalized else ())
+            tuple(req.output_token_ids) if penalized else (),
+            grammar.next_mask() if grammar is not None else None)
 
     def update_from_output(self, plan: StepPlan, output: ModelOutput) -> list[SeqUpdate]:
         """Apply ``output`` of ``plan``: append tokens, stop what must stop, release what finished."""
@@ -222,6 +253,8 @@ class Scheduler(ABC):
             if req is None:
                 continue
             req.num_in_flight -= 1
+            if req.num_in_flight == 0 and not req.finished and sp.req_id not in output.failed:
+                self.kv.register(req)  # its K/V is all written now: full blocks become shareable
             if req.finished:  # aborted (or failed) while in flight: its token, if any, is dropped
                 if req.num_in_flight == 0:
                     self._release(req)
@@ -240,8 +273,16 @@ class Scheduler(ABC):
             if tok is None:
                 updates.append(SeqUpdate(req, None, prompt_logprobs=plp))
                 continue
+            grammar = self._grammars.get(sp.req_id) if self._grammars else None
+            if grammar is not None and not grammar.accept(tok.token_id):
+                self.finish_request(req, RequestStatus.FINISHED_ERROR)
+                updates.append(SeqUpdate(req, None, error=f"structured output: token {tok.token_id} was "
+                                                          "sampled but the grammar does not allow it"))
+                continue
             req.token_ids.append(tok.token_id)
             status = self._check_stop(req, tok.token_id)
+            if grammar is not None and grammar.terminated:  # the grammar has ended: nothing may follow
+                status = RequestStatus.FINISHED_STOPPED
             if status is not None:
                 self.finish_request(req, status)
             updates.append(SeqUpdate(req, tok.token_id, tok.logprobs, prompt_logprobs=plp))
@@ -275,6 +316,9 @@ class Scheduler(ABC):
         blocks and preempt it, and its computed chunks are thrown away, again and again.
         """
         need = self.kv.blocks_needed(req, req.num_uncomputed + 1)
+        hit = self._prefix_hit(req)
+        if hit:  # cached blocks need no new ones, but taking an idle one uses free capacity
+            need += self.kv.idle_blocks_in(hit) - min(len(hit), need)
         if not self.running:
             return need <= self.kv.num_free_blocks
         reserve = max(1, self.kv.num_blocks // 100) + len(self.running)
@@ -285,6 +329,7 @@ class Scheduler(ABC):
         request with no plan in flight (its K/V writes are done)."""
         assert req.num_in_flight == 0
         self.running.remove(req)
+        self.kv.register(req)  # with prefix caching its recompute mostly hits its own blocks
         self.kv.free(req)
         self.num_recomputed_tokens += req.num_computed_tokens
         out.num_recomputed_tokens += req.num_computed_tokens
@@ -314,11 +359,28 @@ class Scheduler(ABC):
         out.scheduled.append(ScheduledRequest(req, n, req.is_decode and n == 1))
         taken.add(id(req))
 
-    def _admit(self, req: Request, n: int, out: SchedulerOutput, taken: set[int]) -> None:
-        """Move the head of the waiting queue to running with ``n`` tokens scheduled."""
+    def _admit(self, req: Request, n: int, out: SchedulerOutput, taken: set[int]) -> int:
+        """Move the head of the waiting queue to running with up to ``n`` tokens scheduled; returns
+        how many. With prefix caching its longest cached prefix is taken first: those tokens count as
+        computed and cost no budget."""
         assert self.waiting[0] is req
         self.waiting.popleft()
+        hit = self._prefix_hit(req)
+        if self.kv.enable_prefix_caching and req.num_computed_tokens == 0:
+            self.kv.num_query_tokens += req.num_tokens
+            self.kv.num_hit_tokens += len(hit) * self.kv.block_size
+            self.kv.share(req, hit)
+        n = min(n, req.num_uncomputed)
         self.kv.allocate(req, n)
         req.status = RequestStatus.RUNNING
         self.running.append(req)
         self._add(out, taken, req, n)
+        return n
+
+    def _prefix_hit(self, req: Request) -> list[int]:
+        """Cached blocks ``req`` would take at admission (none when it must compute its prompt rows:
+        prompt logprobs need the logits of every prompt token)."""
+        if (not self.kv.enable_prefix_caching or req.num_computed_tokens
+                or getattr(req.params, "prompt_logprobs", None) is not None):
+            return []
+        return self.kv.match(req)

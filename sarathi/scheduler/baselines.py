@@ -24,8 +24,7 @@ class _WholePromptScheduler(Scheduler):
                 break
             if not self._can_admit(req):
                 break
-            self._admit(req, n, out, taken)
-            budget -= n
+            budget -= self._admit(req, n, out, taken)
 
     def _decode_all(self, out: SchedulerOutput, taken: set[int]) -> None:
         for req in list(self.running):

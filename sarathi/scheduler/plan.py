@@ -20,6 +20,9 @@ class SamplingSpec:
     (seed, position), so a retried step draws the same noise); ``banned`` are token ids that may not be
     sampled yet (EOS and stop ids while ``min_tokens`` is not reached). ``output_token_ids`` (and, for
     ``repetition_penalty``, ``prompt_token_ids``) are filled only when a penalty needs them.
+    ``token_bitmask`` (structured outputs) is the grammar's mask of allowed tokens, ceil(vocab / 32)
+    little-endian int32 words (bit t % 32 of word t // 32 set: token t allowed), filled by the scheduler
+    from the request's matcher; None when nothing is constrained.
     """
 
     temperature: float = 0.0
@@ -36,6 +39,7 @@ class SamplingSpec:
     logit_bias: tuple[tuple[int, float], ...] = ()
     prompt_token_ids: tuple[int, ...] = ()
     output_token_ids: tuple[int, ...] = ()
+    token_bitmask: bytes | None = field(default=None, repr=False)
 
     @property
     def greedy(self) -> bool:

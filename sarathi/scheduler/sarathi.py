@@ -63,7 +63,5 @@ class SarathiScheduler(Scheduler):
             req = self.waiting[0]
             if not self._can_admit(req):
                 break  # FIFO: later requests wait too, so a large prompt is not starved
-            n = min(req.num_uncomputed, budget)
-            self._admit(req, n, out, taken)
-            budget -= n
+            budget -= self._admit(req, min(req.num_uncomputed, budget), out, taken)
         return out

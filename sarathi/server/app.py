@@ -31,6 +31,7 @@ from sarathi.server.intake import DEFAULT_MAX_BODY_BYTES, APIError
 from sarathi.server.metrics import CONTENT_TYPE
 from sarathi.server.serving import OpenAIServing, error_response
 from sarathi.server.tokens import TokenServing
+from sarathi.server.tools import ToolOptions
 from sarathi.tokenizer import load_chat_template
 
 logger = logging.getLogger("sarathi.server")
@@ -53,7 +54,9 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, api_key: str | None = None,
               shutdown_timeout: float = 30.0, max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               max_stream_backlog: int | None = DEFAULT_BACKLOG.max_outputs,
               stream_stall_timeout: float = DEFAULT_BACKLOG.stall_s, chat_template: str | None = None,
-              generation_config: str = "auto") -> FastAPI:
+              generation_config: str = "auto", enable_auto_tool_choice: bool = False,
+              tool_call_parser: str | None = None,
+              exclude_tools_when_tool_choice_none: bool = False) -> FastAPI:
     """An OpenAI-compatible app around ``engine``; the engine thread runs during the app's lifespan.
 
     ``max_request_body_bytes``: larger bodies get 413. ``max_stream_backlog`` / ``stream_stall_timeout``:
@@ -62,17 +65,21 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, api_key: str | None = None,
     (every one is accepted and listed by /v1/models; the first is reported in responses).
     ``chat_template``: a jinja file or template text replacing the model's (``--chat-template``).
     ``generation_config``: ``auto`` | ``vllm`` | a folder (``--generation-config``): where the default
-    sampling parameters of requests come from. Raises InvalidArgument for a bad one of these three.
+    sampling parameters of requests come from. ``enable_auto_tool_choice`` / ``tool_call_parser`` /
+    ``exclude_tools_when_tool_choice_none``: vLLM's tool flags (``sarathi.server.tools``). Raises
+    InvalidArgument for a bad one of these.
     """
     eng = engine.engine if isinstance(engine, AsyncLLMEngine) else engine
     names = served_model_names(served_model_name, eng.model_name)
     template = load_chat_template(chat_template)
     defaults = load_generation_defaults(generation_config, eng.args.model)
+    tools = ToolOptions(enable_auto_tool_choice, tool_call_parser,
+                        exclude_tools_when_tool_choice_none).check()
     aeng = engine if isinstance(engine, AsyncLLMEngine) else AsyncLLMEngine(engine, max_waiting_requests)
     if max_waiting_requests is not None:
         aeng.max_waiting_requests = max_waiting_requests
     backlog = None if max_stream_backlog is None else StreamBacklog(max_stream_backlog, stream_stall_timeout)
-    serving = OpenAIServing(aeng, names, max_request_body_bytes, backlog, template, defaults)
+    serving = OpenAIServing(aeng, names, max_request_body_bytes, backlog, template, defaults, tools)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -82,6 +89,8 @@ def build_app(engine: LLMEngine | AsyncLLMEngine, api_key: str | None = None,
             is_file = os.path.isfile(os.path.expanduser(chat_template))
             logger.info("chat template: %s (--chat-template)", chat_template if is_file else "template text")
         log_generation_defaults(defaults, generation_config)
+        if tools.enable_auto_tool_choice:
+            logger.info("tool calls: tool_choice 'auto' parsed with the %s parser", tools.tool_call_parser)
         yield
         await aeng.shutdown(shutdown_timeout)
 

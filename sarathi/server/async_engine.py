@@ -380,7 +380,7 @@ class AsyncLLMEngine:
     def _record_state(self) -> None:
         eng = self.engine
         self.metrics.record_state(eng.scheduler.num_running, eng.scheduler.num_waiting, eng.kv.usage,
-                                  eng.kv.num_free_blocks)
+                                  eng.kv.num_free_blocks, eng.kv.num_query_tokens, eng.kv.num_hit_tokens)
         report = eng.stats.bubbles
         if report is not None:
             self.metrics.record_pipeline(report)

@@ -1,6 +1,7 @@
 """Rendering a request's ``messages`` with the chat template, as vLLM does (``/v1/chat/completions`` and
 ``/tokenize`` share it): the server's ``--chat-template`` override, ``chat_template_kwargs``,
-``add_generation_prompt`` and ``continue_final_message``."""
+``add_generation_prompt``, ``continue_final_message``, ``tools`` and ``documents``. The template itself
+is rendered exactly as transformers' ``apply_chat_template`` does (``sarathi.chat_template``)."""
 
 from __future__ import annotations
 
@@ -8,31 +9,31 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from sarathi.chat_template import TemplateRaised, template_variables
 from sarathi.errors import InvalidArgument
 from sarathi.server.protocol import ChatTemplateFields
+from sarathi.server.tools import check_tools
 
 # Template variables the server sets itself; chat_template_kwargs may not replace them.
 RESERVED_KWARGS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template",
                              "bos_token", "eos_token", "tools", "documents", "tokenize", "raise_exception"})
 
 
-def continue_final(rendered: str, final: str) -> str:
-    """``rendered`` cut right after the text of the final message, so the model continues it; the same
-    rule as transformers' ``apply_chat_template(continue_final_message=True)``."""
-    stripped = final.strip()
-    if stripped not in rendered:
-        raise InvalidArgument("messages", "messages: continue_final_message: the text of the final message "
-                                          "does not appear in the rendered chat, so it cannot be continued")
-    loc = rendered.rindex(stripped)
-    if rendered[loc:loc + len(final.lstrip())] == final:  # the template kept the message as it was
-        return rendered[:loc + len(final.lstrip())]
-    return rendered[:loc + len(stripped)]  # the template trimmed trailing whitespace
+def check_template_reads(template: str, variable: str, value: Any) -> None:
+    """400 (naming ``variable``) when the request sends ``tools`` / ``documents`` that ``template`` would
+    never render: the model would not see them, and the client would not know."""
+    if value and variable not in template_variables(template):
+        raise InvalidArgument(variable, f"{variable}: the chat template cannot render {variable} (it never "
+                                        f"reads the `{variable}` variable); start the server with a "
+                                        f"--chat-template that does, or leave out {variable}")
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], fields: ChatTemplateFields,
-                chat_template: str | None = None) -> str:
+                chat_template: str | None = None, include_tools: bool = True) -> str:
     """The prompt text for ``messages``; ``chat_template`` (the server's override) replaces the model's.
-    Raises InvalidArgument naming the request field at fault."""
+    ``include_tools=False`` leaves the request's ``tools`` out of the prompt (``tool_choice: "none"`` with
+    ``--exclude-tools-when-tool-choice-none``). Raises InvalidArgument naming the request field at
+    fault."""
     if fields.chat_template is not None:
         raise InvalidArgument("chat_template", "chat_template: a chat template in the request is not "
                                                "accepted; the server's --chat-template sets it")
@@ -48,11 +49,22 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], fields: ChatTemp
             raise InvalidArgument("continue_final_message", "continue_final_message: cannot be used with "
                                                             "add_generation_prompt: true")
         add_generation_prompt = False
+    tools = check_tools(fields.tools)
+    if not include_tools:
+        tools = None
+    documents = fields.documents
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt, chat_template, **kwargs)
-    except (TemplateError, TypeError) as e:  # e.g. a template variable of the wrong type
+        template = tokenizer.template_for(chat_template, tools)
+        check_template_reads(template, "tools", tools)
+        check_template_reads(template, "documents", documents)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt, template, tools=tools,
+                                             documents=documents,
+                                             continue_final_message=fields.continue_final_message, **kwargs)
+    except TemplateRaised as e:  # the template's own raise_exception(...)
+        raise InvalidArgument("messages", f"messages: the chat template refused them: {e.message}") from None
+    except InvalidArgument:
+        raise
+    except (TemplateError, TypeError, ValueError, ArithmeticError, LookupError, RecursionError) as e:
+        # e.g. a template variable of the wrong type, or messages the template cannot handle
         param = "chat_template_kwargs" if kwargs else "messages"
         raise InvalidArgument(param, f"{param}: the chat template failed to render: {e}") from None
-    if fields.continue_final_message:
-        text = continue_final(text, str(messages[-1].get("content", "")))
-    return text

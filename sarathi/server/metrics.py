@@ -66,6 +66,11 @@ class ServerMetrics:
         self.waiting = gauge("sarathi_num_requests_waiting", "Sequences waiting to be scheduled")
         self.kv_usage = gauge("sarathi_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)")
         self.kv_free_blocks = gauge("sarathi_kv_cache_free_blocks", "Free KV-cache blocks")
+        self.prefix_queries = counter("sarathi_prefix_cache_queries", "Prompt tokens looked up in the "
+                                      "prefix cache (vLLM: prefix_cache_queries)").labels(model_name)
+        self.prefix_hits = counter("sarathi_prefix_cache_hits", "Prompt tokens found in the prefix cache "
+                                   "(their K/V was reused, not computed)").labels(model_name)
+        self._prefix_seen = (0, 0)
         self.pipeline_bubble = Gauge("sarathi_pipeline_bubble_fraction", "Per pipeline stage: idle time / "
                                      "wall time while micro-batches were in flight", [*labels, "stage"],
                                      registry=r)
@@ -88,11 +93,17 @@ class ServerMetrics:
         if num_recomputed_tokens:
             self.recomputed_tokens.inc(num_recomputed_tokens)
 
-    def record_state(self, running: int, waiting: int, kv_usage: float, kv_free: int) -> None:
+    def record_state(self, running: int, waiting: int, kv_usage: float, kv_free: int,
+                     prefix_queries: int = 0, prefix_hits: int = 0) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
         self.kv_free_blocks.set(kv_free)
+        # The engine's counts are cumulative (and start again from 0 when its KV cache is rebuilt).
+        q0, h0 = self._prefix_seen if prefix_queries >= self._prefix_seen[0] else (0, 0)
+        self.prefix_queries.inc(prefix_queries - q0)
+        self.prefix_hits.inc(max(0, prefix_hits - h0))
+        self._prefix_seen = (prefix_queries, prefix_hits)
 
     def record_pipeline(self, report: dict) -> None:
         for st in report["stages"]:

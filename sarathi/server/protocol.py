@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from sarathi.errors import InvalidArgument
 from sarathi.outputs import CompletionOutput, Logprob, PromptLogprobs
 from sarathi.sampling_params import SamplingParams
+from sarathi.structured.requests import StructuredOutputRequestFields
 
 _STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
@@ -59,7 +60,7 @@ SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 
                                      "repetition_penalty": 1.0}
 
 
-class _SamplingFields(ModelNamed):
+class _SamplingFields(ModelNamed, StructuredOutputRequestFields):
     """Fields shared by both endpoints: OpenAI's names plus vLLM's extras.
 
     Invariant: a field of ``SAMPLING_DEFAULTS`` (and ``max_tokens``) is None exactly when the client did
@@ -86,8 +87,20 @@ class _SamplingFields(ModelNamed):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: logprobs of the prompt tokens
+    # vLLM fields sarathi does not implement yet: declared so that a non-default value is a 400 naming
+    # it instead of being dropped by ``extra="ignore"`` (their defaults are accepted: clients send them).
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    use_beam_search: Any = False
+    length_penalty: Any = 1.0
+    truncate_prompt_tokens: Any = None
 
     def check_unsupported(self) -> None:
+        for name, default in (("allowed_token_ids", None), ("bad_words", None), ("use_beam_search", False),
+                              ("length_penalty", 1.0), ("truncate_prompt_tokens", None)):
+            v = getattr(self, name)
+            if v != default and not (default is None and v == []):
+                raise InvalidArgument(name, f"{name}: not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise InvalidArgument("stream_options", "stream_options: only allowed when stream is true")
         if self.prompt_logprobs is not None and self.stream:
@@ -118,6 +131,7 @@ class _SamplingFields(ModelNamed):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, logit_bias=self._logit_bias(), **self.logprob_params(),
+            structured_outputs=self.structured_params(),  # response_format, guided_*: sarathi.structured
         )
 
     def _logit_bias(self) -> dict[int, float] | None:
@@ -201,6 +215,7 @@ class ChatMessage(BaseModel):
     content: Any = ""
     name: str | None = None
     tool_call_id: str | None = Field(None, validate_default=True)
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls (sarathi.server.tools)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -226,6 +241,19 @@ class ChatMessage(BaseModel):
             raise ValueError("required for messages with role 'tool'")
         return v if v is None else check_unicode(v)
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _check_tool_calls(cls, v: list[dict[str, Any]] | None, info: ValidationInfo
+                          ) -> list[dict[str, Any]] | None:
+        from sarathi.server.tools import check_tool_calls
+
+        if v is None:
+            return None
+        if info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        check_unicode(json.dumps(v, ensure_ascii=False))
+        return check_tool_calls(v)
+
     def for_template(self) -> dict[str, Any]:
         """The message as the chat template sees it. Templates written before OpenAI's "developer" role
         know only "system", which is what "developer" means."""
@@ -247,10 +275,13 @@ class ChatTemplateFields(BaseModel):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None
+    # Rendered by the chat template as its `tools` / `documents` (checked by sarathi.server.tools).
+    tools: list[Any] | None = None
+    documents: list[dict[str, Any]] | None = None
 
-    @field_validator("chat_template_kwargs")
+    @field_validator("chat_template_kwargs", "tools", "documents")
     @classmethod
-    def _kwargs_unicode(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _kwargs_unicode(cls, v: Any) -> Any:
         if v is not None:
             check_unicode(json.dumps(v, ensure_ascii=False))
         return v
@@ -261,6 +292,17 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # tools (with ChatTemplateFields.tools); checked and resolved by sarathi.server.tools
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    functions: Any = None  # OpenAI's deprecated names for tools / tool_choice: refused, not ignored
+    function_call: Any = None
+    echo: Any = False  # vLLM's chat echo (prepend the last message): not implemented, refused when set
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        if self.echo not in (False, None):
+            raise InvalidArgument("echo", "echo: not supported for chat completions by this server")
 
     def conversation(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
@@ -290,9 +332,14 @@ def error_body(message: str, err_type: str, param: str | None, code: int) -> dic
 
 
 # ---- response pieces ----------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` (prompt tokens whose K/V came from the
+    prefix cache) only when some did, as OpenAI omits it for uncached prompts."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 def envelope(resp_id: str, obj: str, model: str, created: int | None = None) -> dict[str, Any]:

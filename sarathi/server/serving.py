@@ -42,6 +42,8 @@ from sarathi.server.intake import (
     parse,
     read_body,
 )
+from sarathi.server.tool_parsers import StreamingToolParser, ToolParser
+from sarathi.server.tools import ToolOptions, check_tools, resolve_tool_choice
 
 logger = logging.getLogger("sarathi.server")
 
@@ -54,6 +56,12 @@ def error_response(e: APIError) -> Response:
     body = P.error_body(e.message, _ERROR_TYPES.get(e.status, "error"), e.param, e.status)
     # ASCII-escaped: a message may quote client input, which can hold lone surrogates that UTF-8 refuses.
     return Response(json.dumps(body), status_code=e.status, headers=e.headers, media_type="application/json")
+
+
+def _tool_finish(finish_reason: str | None) -> str | None:
+    """A choice that made tool calls finishes with "tool_calls" where it stopped on its own (EOS or a
+    stop string); "length" and errors keep their reason."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def _bad_request(e: ValueError, rename: dict[str, str] | None = None) -> APIError:
@@ -78,6 +86,7 @@ class _Job:
     echo_texts: list[str] | None = None  # completions with echo: each prompt's text
     echo_heads: list[str] | None = None  # ... and its first token's text (echo with logprobs)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    tool_parser: ToolParser | None = None  # chat with tool_choice "auto": tool calls parsed from the text
 
     @property
     def n(self) -> int:
@@ -100,11 +109,12 @@ class _Job:
             return P.chat_logprobs(c, start, self.logprobs)
         return P.completion_logprobs(c, start, self.logprobs, text_offset)
 
-    def usage(self, finals: dict[str, RequestOutput]) -> dict[str, int]:
+    def usage(self, finals: dict[str, RequestOutput]) -> dict[str, Any]:
         """Completion tokens count every generated sequence (best_of candidates too), none for
         ``echo`` with ``max_tokens: 0`` (whose one sampled token is dropped)."""
         return P.usage(sum(len(g.prompt_token_ids) for g in self.groups),
-                       0 if self.echo_only else sum(o.num_generated_tokens for o in finals.values()))
+                       0 if self.echo_only else sum(o.num_generated_tokens for o in finals.values()),
+                       sum(o.num_cached_tokens for o in finals.values()))
 
     @property
     def echo_only(self) -> bool:
@@ -144,11 +154,13 @@ class OpenAIServing:
     ``model_names``: the names clients may send (``--served-model-name``; the first is the one responses
     report). ``chat_template``: the server's template text, replacing the model's (None: the model's).
     ``defaults``: sampling defaults for fields a request leaves unset (``--generation-config``).
+    ``tools``: the tool flags (``--enable-auto-tool-choice``, ``--tool-call-parser``, ...).
     """
 
     def __init__(self, aengine: AsyncLLMEngine, model_names: str | Sequence[str],
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backlog: StreamBacklog | None = None,
-                 chat_template: str | None = None, defaults: GenerationDefaults | None = None) -> None:
+                 chat_template: str | None = None, defaults: GenerationDefaults | None = None,
+                 tools: ToolOptions | None = None) -> None:
         self.aengine = aengine
         self.engine = aengine.engine
         self.model_names = [model_names] if isinstance(model_names, str) else list(model_names)
@@ -159,6 +171,7 @@ class OpenAIServing:
         self.backlog = backlog
         self.chat_template = chat_template
         self.defaults = defaults or GenerationDefaults()
+        self.tools = (tools or ToolOptions()).check()
         self.encoder = PromptEncoder(self.engine.tokenizer, self.engine.max_model_len)
 
     # ---- request preparation (in a worker thread) ------------------------------------------------
@@ -168,9 +181,30 @@ class OpenAIServing:
             served = ", ".join(repr(n) for n in self.model_names)
             raise APIError(404, f"model: the model {name!r} does not exist (serving {served})", "model")
 
-    def render_chat(self, messages: list[dict[str, Any]], fields: P.ChatTemplateFields) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], fields: P.ChatTemplateFields,
+                    include_tools: bool = True) -> str:
         """The prompt text of a chat (raises InvalidArgument naming the field)."""
-        return render_chat(self.engine.tokenizer, messages, fields, self.chat_template)
+        return render_chat(self.engine.tokenizer, messages, fields, self.chat_template, include_tools)
+
+    def tool_parser_for(self, req: P.ChatCompletionRequest) -> tuple[ToolParser | None, bool]:
+        """(the parser of the output's tool calls or None, whether the tools go into the prompt), by
+        vLLM's rules (``sarathi.server.tools``). Raises InvalidArgument for what cannot be served."""
+        for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+            if getattr(req, old) is not None:
+                raise InvalidArgument(old, f"{old}: deprecated by OpenAI and not supported; use {new}")
+        choice = resolve_tool_choice(req.tool_choice, check_tools(req.tools))
+        if choice == "required" or isinstance(choice, dict):
+            what = "'required'" if choice == "required" else "a named function"
+            raise InvalidArgument("tool_choice", f"tool_choice: {what} is not supported yet (it needs "
+                                                 "structured outputs to force a call); use 'auto' or 'none'")
+        if choice == "auto":
+            parser = self.tools.parser(req.parallel_tool_calls)
+            if parser is None:
+                raise InvalidArgument("tool_choice", 'tool_choice: "auto" (the default when tools are sent) '
+                                                     "requires the server to be started with "
+                                                     "--enable-auto-tool-choice and --tool-call-parser")
+            return parser, True
+        return None, not (choice == "none" and self.tools.exclude_tools_when_tool_choice_none)
 
     def _prepare(self, body: bytes, chat: bool) -> _Job:
         """Parse, validate and tokenize: linear in the body's size, so never on the event loop."""
@@ -179,8 +213,10 @@ class OpenAIServing:
         tok, eng, enc = self.engine.tokenizer, self.engine, self.encoder
         rename = {"prompt": "messages"} if chat else {}
         try:
+            parser = None
             if chat:
-                text = self.render_chat(req.conversation(), req)
+                parser, include_tools = self.tool_parser_for(req)
+                text = self.render_chat(req.conversation(), req, include_tools)
                 prompts: list[tuple[str | None, list[int]]] = [(text, enc.encode(text, False))]
                 logprobs = req.num_logprobs
             else:
@@ -205,7 +241,7 @@ class OpenAIServing:
                                                p))
         except ValueError as e:
             raise _bad_request(e, rename) from None
-        job = _Job(chat, req, groups, resp_id, self.model_name, logprobs)
+        job = _Job(chat, req, groups, resp_id, self.model_name, logprobs, tool_parser=parser)
         if not chat and req.echo:
             job.echo_texts = [t if t is not None else tok.decode(ids) for t, ids in prompts]
             if logprobs is not None:
@@ -277,6 +313,12 @@ class OpenAIServing:
                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if job.chat:
                     choice["message"] = {"role": "assistant", "content": c.text}
+                    if job.tool_parser is not None:
+                        parsed = job.tool_parser.parse(c.text)
+                        if parsed.tool_calls:
+                            choice["message"] = {"role": "assistant", "content": parsed.content,
+                                                 "tool_calls": [t.to_json() for t in parsed.tool_calls]}
+                            choice["finish_reason"] = _tool_finish(c.finish_reason)
                 else:
                     choice["text"] = prefix + c.text
                     if prefix:  # the completion's text offsets start after the echoed prompt
@@ -303,6 +345,7 @@ class OpenAIServing:
         sent_tokens: dict[int, int] = {}
         done: set[int] = set()
         finals: dict[str, RequestOutput] = {}
+        tool_streams: dict[int, StreamingToolParser] = {}
 
         def event(choices: list[dict[str, Any]]) -> str:
             chunk = {**head, "choices": choices}
@@ -328,7 +371,7 @@ class OpenAIServing:
                     first = int(out.request_id.rsplit("-", 1)[1]) * job.n
                     yield event([{"index": first + j, "text": text, "logprobs": echo_lp,
                                   "finish_reason": None} for j in range(job.n)])
-                choices = []
+                rounds: list[list[dict[str, Any]]] = []  # one event per round: a choice's deltas in order
                 for c in map(job.visible, out.outputs):
                     i = job.index(out, c)
                     if i in done:
@@ -338,20 +381,40 @@ class OpenAIServing:
                     delta, new_tokens = c.text[start:end], len(c.token_ids) > tok_start
                     if not (delta or c.finished or (new_tokens and job.logprobs is not None)):
                         continue
+                    sent_chars[i] = end
+                    finish_reason = c.finish_reason
+                    if job.tool_parser is not None:  # content and tool-call deltas, text held while undecided
+                        if i not in tool_streams:
+                            tool_streams[i] = job.tool_parser.stream()
+                        parser = tool_streams[i]
+                        deltas = parser.feed(delta) + (parser.finish() if c.finished else [])
+                        if not (deltas or c.finished or (new_tokens and job.logprobs is not None)):
+                            continue
+                        if c.finished and parser.tool_calls:
+                            finish_reason = _tool_finish(finish_reason)
+                    elif job.chat:
+                        deltas = [{"content": delta}] if delta else []
+                    else:
+                        deltas = [{"text": delta}]
                     lp = job.logprobs_of(c, tok_start, start + job.echo_len(i))
-                    sent_chars[i], sent_tokens[i] = end, len(c.token_ids)
+                    sent_tokens[i] = len(c.token_ids)
                     if c.finished:
                         done.add(i)
-                    choice: dict[str, Any] = {"index": i, "logprobs": lp,
-                                              "finish_reason": c.finish_reason}
-                    if job.chat:
-                        choice["delta"] = {"content": delta} if delta else {}
-                    else:
-                        choice["text"] = delta
-                    if c.finished:
-                        choice["stop_reason"] = c.stop_reason
-                    choices.append(choice)
-                if choices:
+                    deltas = deltas or [{}]
+                    for k, d in enumerate(deltas):
+                        last = k == len(deltas) - 1
+                        choice: dict[str, Any] = {"index": i, "logprobs": lp if k == 0 else None,
+                                                  "finish_reason": finish_reason if last else None}
+                        if job.chat:
+                            choice["delta"] = d
+                        else:
+                            choice["text"] = d["text"]
+                        if c.finished and last:
+                            choice["stop_reason"] = c.stop_reason
+                        if k == len(rounds):
+                            rounds.append([])
+                        rounds[k].append(choice)
+                for choices in rounds:
                     yield event(choices)
             if job.req.include_usage:
                 usage_chunk = {**head, "choices": [], "usage": job.usage(finals)}

@@ -53,6 +53,9 @@ class SimConfig:
     max_model_len: int | None = None
     dtype: str = "auto"
     memory_fraction: float = KV_MEMORY_FRACTION
+    # Off: simulated prompts are placeholder ids (identical across requests), and the paper's numbers
+    # are without prefix reuse.
+    enable_prefix_caching: bool = False
 
 
 def build_engine(cfg: SimConfig) -> tuple[LLMEngine, VirtualClock]:
@@ -76,7 +79,8 @@ def build_engine(cfg: SimConfig) -> tuple[LLMEngine, VirtualClock]:
     args = EngineArgs(model=name, dtype=cfg.dtype, scheduler=cfg.scheduler, executor="simulated",
                       chunk_size=cfg.chunk_size, max_num_seqs=cfg.max_num_seqs,
                       max_num_batched_tokens=cfg.max_num_batched_tokens, tile_size=cfg.tile_size,
-                      block_size=cfg.block_size, num_kv_blocks=blocks, max_model_len=cfg.max_model_len)
+                      block_size=cfg.block_size, num_kv_blocks=blocks, max_model_len=cfg.max_model_len,
+                      enable_prefix_caching=cfg.enable_prefix_caching)
     return LLMEngine(args, clock=clock, executor_class=executor, model_config=model_config), clock
 
 

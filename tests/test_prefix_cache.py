@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sarathi.kv_cache import BlockManager
+from tests.test_scheduler import _free_runs
 
 
 class _Seq:
@@ -31,15 +32,7 @@ def check(kv: BlockManager, live: dict[int, _Seq], content: dict[int, tuple[int,
         assert not idle or b in kv._key_of, "an idle block must be cached"
     assert len(kv._cached) == len(kv._key_of) and all(kv._cached[k] == b for b, k in kv._key_of.items())
     assert kv.num_free_blocks == sum(kv._is_free) + len(kv._idle)
-    runs, start = [], None
-    for b in range(kv.num_blocks + 1):
-        f = b < kv.num_blocks and kv._is_free[b]
-        if f and start is None:
-            start = b
-        elif not f and start is not None:
-            runs.append((start, b - start))
-            start = None
-    assert sorted(kv._runs.items()) == runs
+    assert sorted(kv._runs.items()) == _free_runs(kv)
     for b, key in kv._key_of.items():  # a cached block holds the prefix its key chain names
         assert content[b][-kv.block_size:] == key[2]
 

@@ -139,3 +139,25 @@ def test_cli_version_and_help_do_not_import_torch():
     v = subprocess.run([sys.executable, "-m", "sarathi.cli", "--version"], capture_output=True, text=True,
                        timeout=120)
     assert v.stdout.strip() == f"sarathi {__version__}"
+
+
+def test_hf_model_id_resolves_from_a_local_hub_cache(tmp_path, monkeypatch):
+    """`--model org/name` (as vLLM) goes through huggingface_hub: here from a cache laid out on disk the
+    way the hub writes it (no network in tests); an id that is not cached is a ValueError naming model."""
+    from sarathi.model.loader import resolve_model
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # "tiny-org/tiny-llama" is not a local path here
+    got = resolve_model("tiny-org/tiny-llama")
+    assert got.kind == "hf" and os.path.samefile(got.path, snap)
+    with pytest.raises(ValueError, match="model") as e:
+        resolve_model("tiny-org/not-cached")
+    assert e.value.args[0].startswith("model:")

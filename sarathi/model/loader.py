@@ -83,6 +83,8 @@ def resolve_model(model: str | None) -> ModelSource:
             raise ValueError(f"model: {path} is a file but not a .gguf; pass a GGUF file or an HF folder")
         st = os.stat(path)
         return _gguf_source(os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if not os.path.exists(path) and model is not None and _HUB_ID.fullmatch(model):
+        path = _from_hub(model)  # an HF model id ("org/name"), as vLLM accepts
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             return ModelSource(path, "hf")
@@ -91,9 +93,34 @@ def resolve_model(model: str | None) -> ModelSource:
             return ModelSource(ggufs[0], "gguf")
         raise ValueError(f"model: folder {path} has no config.json (and not exactly one .gguf file)")
     raise ValueError(
-        f"model: {model!r} not found; pass a local HF checkpoint folder or a .gguf file "
-        "(there is no model-hub download)"
+        f"model: {model!r} not found; pass a local HF checkpoint folder, a .gguf file or an HF model id "
+        "(org/name) that is in the local Hugging Face cache or can be downloaded"
     )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _from_hub(repo_id: str) -> str:
+    """The local snapshot folder of ``repo_id`` through huggingface_hub: from the local cache when
+    ``HF_HUB_OFFLINE`` is set (or the hub cannot be reached), else downloaded (config, tokenizer and
+    safetensors files only). Raises ValueError naming ``model`` when neither works."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError("model: HF model ids need `huggingface_hub` (pip install huggingface_hub)") from None
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline)
+    except Exception as e:  # network errors, unknown repos, gated models, missing cache entries
+        if not offline:
+            try:  # no network: whatever the cache holds
+                return snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+            except Exception:
+                pass
+        raise ValueError(f"model: {repo_id!r} is not a local path and could not be resolved as an HF model "
+                         f"id ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 @functools.lru_cache(maxsize=4)

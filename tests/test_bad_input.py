@@ -154,6 +154,8 @@ def test_hf_model_id_resolves_from_a_local_hub_cache(tmp_path, monkeypatch):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    # (huggingface_hub reads the variable once, at import: another test may have imported it already)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # "tiny-org/tiny-llama" is not a local path here
     got = resolve_model("tiny-org/tiny-llama")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 import torch
 
 from sarathi.model import kernels
-from sarathi.model.attention import AttentionMetadata, _decode_attention
+from sarathi.model.attention import AttentionMetadata, _decode_attention, causal_prefix_attention
 
 
 def test_kernel_builds_where_a_compiler_exists(cpu_kernels):
@@ -49,3 +50,50 @@ def test_decode_kernel_rejects_bad_tables(cpu_kernels):
         cpu_kernels(q, kc, kc, torch.tensor([[7]]), torch.tensor([3]), 0.125)
     with pytest.raises(RuntimeError, match="longer than its table"):
         cpu_kernels(q, kc, kc, torch.tensor([[0]]), torch.tensor([17]), 0.125)
+
+
+@pytest.mark.parametrize("heads,kv_heads,n,kv_len", [(9, 3, 5, 37), (4, 4, 16, 16), (8, 2, 1, 300)])
+def test_cuda_prefix_chunk_path_equals_the_mask_path(heads, kv_heads, n, kv_len):
+    """The CUDA path for a chunk after a cached prefix (bottom-right causal bias, KV heads expanded) is
+    the same attention as the bool-mask path; checked here on CPU, where both run."""
+    g = torch.Generator().manual_seed(n * kv_len)
+    q = torch.randn(1, heads, n, 64, generator=g)
+    k = torch.randn(1, kv_heads, kv_len, 64, generator=g)
+    v = torch.randn(1, kv_heads, kv_len, 64, generator=g)
+    mask = torch.arange(kv_len)[None, :] <= (torch.arange(n) + kv_len - n)[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125,
+                                                           enable_gqa=True)
+    torch.testing.assert_close(causal_prefix_attention(q, k, v, 0.125), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_over_whole_blocks_equals_exact_length():
+    """On CUDA, decodes attend over whole blocks (the padding mask's length a multiple of the block size,
+    which keeps SDPA on its fused kernel): the masked padding must not change the result."""
+    g = torch.Generator().manual_seed(3)
+    b, bs, width, heads, kv_heads = 4, 16, 5, 8, 2
+    kc = torch.randn(b * width, bs, kv_heads, 64, generator=g)
+    vc = torch.randn(b * width, bs, kv_heads, 64, generator=g)
+    tables = torch.randperm(b * width, generator=g).view(b, width)
+    lens = torch.tensor([1, 17, 40, 70])
+    q = torch.randn(b, heads, 64, generator=g)
+    exact = _decode_attention(q, kc, vc, AttentionMetadata(lens, b, tables, lens, 70, []), 0.125)
+    whole = _decode_attention(q, kc, vc, AttentionMetadata(lens, b, tables, lens, width * bs, []), 0.125)
+    torch.testing.assert_close(whole, exact, atol=1e-6, rtol=1e-6)
+
+
+def test_a_stale_torch_build_lock_does_not_hang_the_build(cpu_kernels, tmp_path, monkeypatch):
+    """A process killed mid-build leaves torch's ``lock`` file behind; the next build must not wait for
+    it forever (it did: every later engine's kernel build, and the test session's, hung)."""
+    if cpu_kernels is None:
+        pytest.skip(f"kernel unavailable: {kernels.build_error()}")
+    _, built = kernels._build_dir()
+    monkeypatch.setenv("SARATHI_CACHE", str(tmp_path))
+    _, path = kernels._build_dir()
+    shutil.copytree(built, path)  # the cached build: loading it is quick
+    (path / "lock").touch()
+    monkeypatch.setattr(kernels, "_state", {"fn": None, "thread": None, "error": None})
+    t = threading.Thread(target=kernels._build, daemon=True)
+    t.start()
+    t.join(120)
+    assert not t.is_alive(), "the build waits for a stale lock"
+    assert kernels.decode_attention() is not None, kernels.build_error()

@@ -371,9 +371,6 @@ def test_a_conversation_with_tool_results(tool_server, llm, scripted):
      "tools.0.function.parameters", "object"),
     ({"tools": [{"type": "function"}]}, "tools.0.function", "name"),
     ({"tools": "get_weather"}, "tools", "list"),
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice", "not supported yet"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice",
-     "not supported yet"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice.function.name", "not one of the tools"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "'none', 'auto', 'required'"),
@@ -394,12 +391,6 @@ def test_bad_tool_fields_are_400(tool_server, body, param, needle):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and needle in err["message"], err
-
-
-def test_required_tool_choice_is_refused_through_openai(tool_server):
-    with pytest.raises(openai.BadRequestError) as e:
-        chat(tool_server.openai(), "x", tools=TOOLS, tool_choice="required")
-    assert e.value.body["param"] == "tool_choice" and "structured outputs" in e.value.body["message"]
 
 
 @pytest.fixture

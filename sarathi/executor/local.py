@@ -9,7 +9,7 @@ import torch
 
 from sarathi.executor.base import Executor
 from sarathi.model import kernels
-from sarathi.model.attention import AttentionMetadata, PrefillChunk
+from sarathi.model.attention import AttentionMetadata, PrefillChunk, configure_sdpa
 from sarathi.model.sampler import prompt_logprobs, sample
 from sarathi.scheduler.plan import ModelOutput, PromptLogprobSpec, SampledToken, SeqPlan, StepPlan
 
@@ -36,6 +36,7 @@ class LocalExecutor(Executor):
 
         super().__init__(args, model_config)
         self.device = args.torch_device()
+        configure_sdpa(self.device)
         self.dtype = args.torch_dtype(model_config.torch_dtype)
         self.model = load_model(resolve_model(args.model), model_config, self.dtype, self.device,
                                 args.resolved_max_model_len(model_config))
@@ -134,6 +135,8 @@ class LocalExecutor(Executor):
             lens = [s.start + 1 for s in decodes]
             max_len = max(lens)
             width = -(-max_len // bs)
+            if dev.type == "cuda":  # whole blocks: a key length that is a multiple of the block size keeps
+                max_len = width * bs  # the padding mask aligned for CUDA's fused SDPA kernels
             tables = _long([s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
                             for s in decodes], dev)
             seq_lens = _long(lens, dev)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from sarathi.executor.base import Executor, ExecutorError
 from sarathi.executor.local import LocalExecutor, _long
 from sarathi.model import kernels
+from sarathi.model.attention import configure_sdpa
 from sarathi.model.sampler import sample
 from sarathi.scheduler.plan import ModelOutput, SampledToken, StepPlan
 
@@ -207,6 +208,7 @@ def _stage_device(args: EngineArgs, rank: int) -> torch.device:
         dev = torch.device("cuda", local % max(1, torch.cuda.device_count()))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # NCCL binds a rank's communicator to the current device
+    configure_sdpa(dev)
     return dev
 
 

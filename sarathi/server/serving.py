@@ -43,7 +43,7 @@ from sarathi.server.intake import (
     read_body,
 )
 from sarathi.server.tool_parsers import StreamingToolParser, ToolParser
-from sarathi.server.tools import ToolOptions, check_tools, resolve_tool_choice
+from sarathi.server.tools import ToolOptions
 
 logger = logging.getLogger("sarathi.server")
 
@@ -56,12 +56,6 @@ def error_response(e: APIError) -> Response:
     body = P.error_body(e.message, _ERROR_TYPES.get(e.status, "error"), e.param, e.status)
     # ASCII-escaped: a message may quote client input, which can hold lone surrogates that UTF-8 refuses.
     return Response(json.dumps(body), status_code=e.status, headers=e.headers, media_type="application/json")
-
-
-def _tool_finish(finish_reason: str | None) -> str | None:
-    """A choice that made tool calls finishes with "tool_calls" where it stopped on its own (EOS or a
-    stop string); "length" and errors keep their reason."""
-    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def _bad_request(e: ValueError, rename: dict[str, str] | None = None) -> APIError:
@@ -186,26 +180,6 @@ class OpenAIServing:
         """The prompt text of a chat (raises InvalidArgument naming the field)."""
         return render_chat(self.engine.tokenizer, messages, fields, self.chat_template, include_tools)
 
-    def tool_parser_for(self, req: P.ChatCompletionRequest) -> tuple[ToolParser | None, bool]:
-        """(the parser of the output's tool calls or None, whether the tools go into the prompt), by
-        vLLM's rules (``sarathi.server.tools``). Raises InvalidArgument for what cannot be served."""
-        for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
-            if getattr(req, old) is not None:
-                raise InvalidArgument(old, f"{old}: deprecated by OpenAI and not supported; use {new}")
-        choice = resolve_tool_choice(req.tool_choice, check_tools(req.tools))
-        if choice == "required" or isinstance(choice, dict):
-            what = "'required'" if choice == "required" else "a named function"
-            raise InvalidArgument("tool_choice", f"tool_choice: {what} is not supported yet (it needs "
-                                                 "structured outputs to force a call); use 'auto' or 'none'")
-        if choice == "auto":
-            parser = self.tools.parser(req.parallel_tool_calls)
-            if parser is None:
-                raise InvalidArgument("tool_choice", 'tool_choice: "auto" (the default when tools are sent) '
-                                                     "requires the server to be started with "
-                                                     "--enable-auto-tool-choice and --tool-call-parser")
-            return parser, True
-        return None, not (choice == "none" and self.tools.exclude_tools_when_tool_choice_none)
-
     def _prepare(self, body: bytes, chat: bool) -> _Job:
         """Parse, validate and tokenize: linear in the body's size, so never on the event loop."""
         req = parse(body, P.ChatCompletionRequest if chat else P.CompletionRequest)
@@ -213,9 +187,9 @@ class OpenAIServing:
         tok, eng, enc = self.engine.tokenizer, self.engine, self.encoder
         rename = {"prompt": "messages"} if chat else {}
         try:
-            parser = None
+            parser = forced = None
             if chat:
-                parser, include_tools = self.tool_parser_for(req)
+                parser, include_tools, forced = self.tools.for_request(req)
                 text = self.render_chat(req.conversation(), req, include_tools)
                 prompts: list[tuple[str | None, list[int]]] = [(text, enc.encode(text, False))]
                 logprobs = req.num_logprobs
@@ -225,6 +199,13 @@ class OpenAIServing:
                 logprobs = req.logprobs
             max_tokens = req.requested_max_tokens
             params = req.sampling_params(max_tokens, logprobs, self.defaults.params)
+            if forced is not None:  # tool_choice "required" / a named function: the output is the call
+                if params.structured_outputs is not None:
+                    name = params.structured_outputs.field_name
+                    what = "'required'" if req.tool_choice == "required" else "naming a function"
+                    raise InvalidArgument(name, f"{name}: cannot be combined with tool_choice {what}, "
+                                                "which constrains the output to the call itself")
+                params = dataclasses.replace(params, structured_outputs=forced)
             # Without max_tokens in the request: the generation config's max_new_tokens, else 16 for
             # completions (OpenAI's default) and all the room left for chat; capped by that room.
             default_max = self.defaults.params.get("max_tokens",
@@ -318,7 +299,7 @@ class OpenAIServing:
                         if parsed.tool_calls:
                             choice["message"] = {"role": "assistant", "content": parsed.content,
                                                  "tool_calls": [t.to_json() for t in parsed.tool_calls]}
-                            choice["finish_reason"] = _tool_finish(c.finish_reason)
+                            choice["finish_reason"] = job.tool_parser.finish_reason(c.finish_reason)
                 else:
                     choice["text"] = prefix + c.text
                     if prefix:  # the completion's text offsets start after the echoed prompt
@@ -391,7 +372,7 @@ class OpenAIServing:
                         if not (deltas or c.finished or (new_tokens and job.logprobs is not None)):
                             continue
                         if c.finished and parser.tool_calls:
-                            finish_reason = _tool_finish(finish_reason)
+                            finish_reason = job.tool_parser.finish_reason(finish_reason)
                     elif job.chat:
                         deltas = [{"content": delta}] if delta else []
                     else:

@@ -82,6 +82,11 @@ class ToolParser:
     def stream(self) -> StreamingToolParser:
         raise NotImplementedError
 
+    def finish_reason(self, reason: str | None) -> str | None:
+        """The finish reason of a choice that made tool calls: "tool_calls" where it stopped on its own
+        (EOS or a stop string); "length" and errors keep theirs."""
+        return "tool_calls" if reason == "stop" else reason
+
     def parse(self, text: str) -> ParsedMessage:
         """The message of a complete output ``text``."""
         p = self.stream()

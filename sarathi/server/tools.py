@@ -6,7 +6,8 @@ and the server's tool options (``--enable-auto-tool-choice``, ``--tool-call-pars
   ``--enable-auto-tool-choice --tool-call-parser NAME`` (else 400), and the output is parsed for calls;
 - ``"none"``: the tools are still rendered into the prompt (unless ``--exclude-tools-when-tool-choice-none``)
   and nothing is parsed;
-- ``"required"`` and a named function need structured outputs to force a call: not available yet, 400;
+- ``"required"`` and a named function force a call through structured outputs
+  (``sarathi.server.forced_tools``); they need no server flags, only a template that renders tools;
 - a ``tool_choice`` other than ``"none"`` without tools is a 400 (``"required"`` with ``tools: []`` is
   ``"none"``, as in vLLM and OpenAI).
 """
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sarathi.errors import InvalidArgument
+from sarathi.sampling_params import StructuredOutputsParams
+from sarathi.server.forced_tools import NamedToolParser, RequiredToolParser, forced_constraint
 from sarathi.server.tool_parsers import TOOL_PARSERS, ToolParser
 
 logger = logging.getLogger("sarathi.server")
@@ -137,3 +140,27 @@ class ToolOptions:
         if not self.enable_auto_tool_choice or self.tool_call_parser is None:
             return None
         return TOOL_PARSERS[self.tool_call_parser](max_calls=None if parallel_tool_calls else 1)
+
+    def for_request(self, req: Any) -> tuple[ToolParser | None, bool, StructuredOutputsParams | None]:
+        """For a chat request (``tools``, ``tool_choice``, ``parallel_tool_calls``, ...): the parser of
+        its output's tool calls or None, whether its tools go into the prompt, and the constraint that
+        forces a call or None. Raises InvalidArgument for what cannot be served."""
+        for old, new in (("functions", "tools"), ("function_call", "tool_choice")):
+            if getattr(req, old) is not None:
+                raise _bad(old, f"deprecated by OpenAI and not supported; use {new}")
+        tools = check_tools(req.tools)
+        choice = resolve_tool_choice(req.tool_choice, tools)
+        if choice == "required" or isinstance(choice, dict):
+            assert tools  # resolve_tool_choice turned "required" without tools into "none"
+            constraint = forced_constraint(choice, tools, req.parallel_tool_calls)
+            if isinstance(choice, dict):
+                return NamedToolParser(choice["function"]["name"]), True, constraint
+            return RequiredToolParser(max_calls=None if req.parallel_tool_calls else 1), True, constraint
+        if choice == "auto":
+            parser = self.parser(req.parallel_tool_calls)
+            if parser is None:
+                raise _bad("tool_choice", '"auto" (the default when tools are sent) requires the server '
+                                          "to be started with --enable-auto-tool-choice and "
+                                          "--tool-call-parser")
+            return parser, True, None
+        return None, not (choice == "none" and self.exclude_tools_when_tool_choice_none), None

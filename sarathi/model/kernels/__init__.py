@@ -42,6 +42,15 @@ def _build_dir() -> tuple[str, Path]:
     return name, root / "kernels" / name
 
 
+def _exclusive(path: Path) -> Any:
+    """An open file holding an exclusive advisory lock (waits for other processes' builds)."""
+    import fcntl
+
+    f = open(path, "w")  # closed by the caller (a with block), which releases the lock
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 def _build() -> None:
     from torch.utils import cpp_extension
 
@@ -50,9 +59,14 @@ def _build() -> None:
     t0 = time.perf_counter()
     cached = any(path.glob("*.so"))
     try:
-        mod = cpp_extension.load(name, [str(_SRC)], build_directory=str(path), verbose=False,
-                                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                 extra_ldflags=["-fopenmp"])
+        # torch's own build lock is a plain file that a process killed mid-build leaves behind, after
+        # which every later build waits for it forever. Builds of this directory run under this flock,
+        # which the OS releases when its holder dies: holding it, any torch lock left is stale.
+        with _exclusive(path / "sarathi.flock"):
+            (path / "lock").unlink(missing_ok=True)
+            mod = cpp_extension.load(name, [str(_SRC)], build_directory=str(path), verbose=False,
+                                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                     extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, headers, or a broken toolchain: the torch path stays
         _state["error"] = f"{type(e).__name__}: {e}"
         logger.warning("C++ decode-attention kernel unavailable (%s); using the torch path",

@@ -102,12 +102,27 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         use_tqdm: bool = True,
+        *,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        """Apply the chat template (``chat_template``, else the model's) to one conversation (or a list of
+        them) and generate. As vLLM's ``LLM.chat``: ``tools`` (OpenAI's function definitions) and
+        ``documents`` reach the template, which must read them (else ``InvalidArgument`` naming the
+        field); ``chat_template_kwargs`` are extra template variables (e.g. ``enable_thinking``);
+        ``continue_final_message`` leaves the last message open (with ``add_generation_prompt=False``).
+        The text comes back as generated: tool calls in it are not parsed (the server does that)."""
+        from sarathi.server.chat import render_chat
+        from sarathi.server.protocol import ChatTemplateFields
+
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer
-        prompts = [{"prompt": tok.apply_chat_template(c, add_generation_prompt, chat_template)}
-                   for c in convs]
+        fields = ChatTemplateFields(add_generation_prompt=add_generation_prompt,
+                                    continue_final_message=continue_final_message, tools=tools,
+                                    documents=documents, chat_template_kwargs=chat_template_kwargs)
+        texts = [render_chat(tok, c, fields, chat_template) for c in convs]  # type: ignore[arg-type]
         # The template already holds any BOS token: encode it without adding special tokens again.
-        ids = [{"prompt": p["prompt"], "prompt_token_ids": tok.encode(p["prompt"], False)} for p in prompts]
+        ids = [{"prompt": t, "prompt_token_ids": tok.encode(t, False)} for t in texts]
         return self.generate(ids, sampling_params, use_tqdm)

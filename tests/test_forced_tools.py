@@ -154,3 +154,23 @@ def test_forced_tool_choice_conflicts_are_400(tool_server, extra, param):  # noq
     with pytest.raises(openai.BadRequestError) as e:
         chat(tool_server.openai(), "x", **kw)
     assert e.value.body["param"] == param, e.value.body
+
+
+# ---- offline: LLM.chat(tools=...) ----------------------------------------------------------------------
+def test_llm_chat_renders_tools(llm):
+    from sarathi import SamplingParams
+    from tests.test_chat_templates import QWEN25
+
+    msgs = [{"role": "user", "content": "Weather in Bern?"}]
+    out = llm.chat(msgs, SamplingParams(max_tokens=1), chat_template=QWEN25, tools=TOOLS, use_tqdm=False)[0]
+    assert out.prompt == llm.engine.tokenizer.apply_chat_template(msgs, True, QWEN25, tools=TOOLS)
+    assert '"name": "get_weather"' in out.prompt
+    with pytest.raises(InvalidArgument) as e:  # SmolLM2's own template never reads `tools`
+        llm.chat(msgs, SamplingParams(max_tokens=1), tools=TOOLS, use_tqdm=False)
+    assert e.value.field == "tools"
+    with pytest.raises(InvalidArgument) as e:
+        llm.chat(msgs, tools=[{"type": "function", "function": {"name": "bad name"}}], chat_template=QWEN25)
+    assert e.value.field == "tools.0.function.name"
+    with pytest.raises(InvalidArgument) as e:
+        llm.chat(msgs, continue_final_message=True)  # with add_generation_prompt left True
+    assert e.value.field == "continue_final_message"

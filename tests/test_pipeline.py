@@ -6,6 +6,7 @@ its bubbles, and turns a killed rank into a clear error within the timeout (also
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -147,6 +148,30 @@ def test_abort_in_flight_across_stages(pp_engine, hf_reference) -> None:
             final[out.request_id] = out
     assert set(final) == {"keep"} and final["keep"].outputs[0].token_ids == ref0
     assert pp_engine.kv.num_free_blocks == pp_engine.kv.num_blocks
+
+
+def test_pp2_structured_outputs_and_prompt_logprobs_equal_local(pp_engine, pp_llm, llm) -> None:
+    """The last rank applies grammar masks and computes prompt logprobs: same answers as one process."""
+    from sarathi import StructuredOutputsParams
+
+    pp_engine.reconfigure(chunk_size=16)
+    schema = {"type": "object", "properties": {"name": {"enum": ["Ann", "Bob", "Eve"]},
+                                               "age": {"type": "integer"}}, "required": ["name", "age"]}
+    so = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+    params = [SamplingParams(temperature=0, max_tokens=24, structured_outputs=so),
+              SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2)]
+    prompts = ["Describe a person as JSON:", "The capital of France is Paris, and the capital of Italy is"]
+    pp, local = (m.generate(prompts, params, use_tqdm=False) for m in (pp_llm, llm))
+    assert pp[0].outputs[0].token_ids == local[0].outputs[0].token_ids
+    obj = json.loads(pp[0].outputs[0].text)
+    assert set(obj) == {"name", "age"} and obj["name"] in ("Ann", "Bob", "Eve")
+    assert isinstance(obj["age"], int)
+    assert pp[1].outputs[0].token_ids == local[1].outputs[0].token_ids
+    got, want = pp[1].prompt_logprobs, local[1].prompt_logprobs
+    assert got[0] is None and len(got) == len(want) == len(pp[1].prompt_token_ids)
+    for g, w in zip(got[1:], want[1:]):
+        assert g.keys() == w.keys()
+        assert all(abs(g[t].logprob - w[t].logprob) < 1e-4 for t in g)
 
 
 def test_torchrun_loopback_example() -> None:

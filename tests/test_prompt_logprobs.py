@@ -187,11 +187,11 @@ def test_best_of_equal_to_n_and_greedy_is_fine():
 
 
 def test_executor_without_prompt_logprobs_is_refused(engine, monkeypatch):
-    """A pipeline (or the simulator) cannot return prompt logprobs: refused naming the field."""
+    """An executor that cannot return prompt logprobs (the simulator) is refused naming the field."""
     from sarathi.executor.pipeline import PipelineExecutor
     from sarathi.executor.simulated import SimulatedExecutor
 
-    assert not getattr(PipelineExecutor, "supports_prompt_logprobs", False)
+    assert PipelineExecutor.supports_prompt_logprobs  # its last rank does it (tests/test_pipeline.py)
     assert not getattr(SimulatedExecutor, "supports_prompt_logprobs", False)
     monkeypatch.setattr(engine.input, "prompt_logprobs", False)
     with pytest.raises(InvalidArgument) as e:

@@ -149,11 +149,10 @@ class LLMEngine:
 
     def _structured_outputs(self) -> tuple[StructuredOutputs | None, str]:
         """The grammar compiler (nothing is loaded until the first structured request), or None and why
-        structured outputs are refused: the executor must apply the masks that plans carry (the local
-        one does; a pipeline or the simulator does not declare it), and there must be a tokenizer."""
+        structured outputs are refused: the executor must apply the masks that plans carry (the local and
+        pipeline ones do; the simulator does not), and there must be a tokenizer."""
         if not getattr(self.executor, "supports_structured_outputs", False):
-            return None, (f"not supported by the {self.executor.name} executor (only the local executor, "
-                          "pipeline_parallel_size 1)")
+            return None, f"not supported by the {self.executor.name} executor"
         if not hasattr(self.tokenizer, "_tk"):
             return None, "not supported without the model's tokenizer"
         return StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids), ""

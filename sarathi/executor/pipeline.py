@@ -117,6 +117,11 @@ class PipelineExecutor(Executor):
     """Rank 0 of an N-stage pipeline, behind the ``Executor`` interface; holds up to N plans."""
 
     name = "pipeline"
+    # The last rank computes prompt logprobs and applies grammar masks, which travel in the plan
+    # (SamplingSpec.token_bitmask). A request is never in two plans in flight, so each mask is built
+    # after the request's previous token came back.
+    supports_prompt_logprobs = True
+    supports_structured_outputs = True
 
     def __init__(self, args: EngineArgs, model_config: ModelConfig) -> None:
         super().__init__(args, model_config)

@@ -19,8 +19,8 @@ from sarathi.executor.base import Executor, ExecutorError
 from sarathi.executor.local import LocalExecutor, _long
 from sarathi.model import kernels
 from sarathi.model.attention import configure_sdpa
-from sarathi.model.sampler import sample
-from sarathi.scheduler.plan import ModelOutput, SampledToken, StepPlan
+from sarathi.model.sampler import prompt_logprobs, sample
+from sarathi.scheduler.plan import ModelOutput, PromptLogprobSpec, SampledToken, StepPlan
 
 if TYPE_CHECKING:
     from sarathi.config import EngineArgs
@@ -118,17 +118,22 @@ class _StageRunner(LocalExecutor):
         """This stage's part of ``plan``: hidden states for the next stage, or (last stage) the output."""
         seqs = sorted(plan.seqs, key=lambda s: s.num_tokens > 1)  # the local executor's order
         input_ids, positions, slots, sample_rows, samplers = self._flatten(seqs)
+        prompt_rows, prompt_seqs = self._prompt_logprob_rows(seqs)
         meta = self._metadata(seqs, slots)
         dev = self.device
         if hidden is not None:
             hidden = hidden.to(dev)
         x = self.model(_long(input_ids, dev), _long(positions, dev), meta, self.kv_caches,
-                       _long(sample_rows, dev), hidden)
+                       _long(sample_rows + prompt_rows, dev), hidden)
         if not self.model.is_last:
             return x
         out = ModelOutput(plan.step_id)
+        ns = len(sample_rows)
+        if prompt_seqs:  # before sampling, which edits its own rows (bias, bans) in place
+            specs: list[PromptLogprobSpec] = [s.prompt_logprobs for s in prompt_seqs]  # type: ignore[misc]
+            out.prompt_logprobs = dict(zip((s.req_id for s in prompt_seqs), prompt_logprobs(x[ns:], specs)))
         if samplers:
-            res = sample(x, [s.sample for s in samplers], self.generator)  # type: ignore[misc]
+            res = sample(x[:ns], [s.sample for s in samplers], self.generator)  # type: ignore[misc]
             out.sampled = {s.req_id: SampledToken(t, lp)
                            for s, t, lp in zip(samplers, res.token_ids, res.logprobs)}
         return out

@@ -34,9 +34,10 @@ Where each piece lives, and why:
   scheduler finishes the sequence with ``finish_reason="stop"``; the grammar wins over ``ignore_eos``
   and ``min_tokens`` (a finished grammar allows only EOS).
 
-The pipeline executor applies the masks the same way (its last stage calls the same ``sample``), but it
-is enabled only for executors that declare ``supports_structured_outputs`` (the local one); others
-(pipeline, simulator) refuse a structured request with a 400 naming its field.
+The pipeline executor applies the masks the same way (its last stage calls the same ``sample``; a
+request is never in two plans in flight, so each mask follows the request's previous token). Structured
+outputs are enabled for executors that declare ``supports_structured_outputs`` (local and pipeline); the
+simulator refuses a structured request with a 400 naming its field.
 """
 
 from sarathi.structured.backend import GrammarState, StructuredOutputs, apply_bitmasks, tokenizer_info

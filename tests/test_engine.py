@@ -93,3 +93,24 @@ def test_detokenize_false_returns_ids_only(engine):
     with pytest.raises(ValueError) as e:
         SamplingParams(stop=["."], detokenize=False)
     assert e.value.field == "detokenize"
+
+
+def test_a_dropped_llm_frees_its_model_without_the_cyclic_gc():
+    """Weights and KV cache go when the last reference does: large tensors never trigger the cyclic GC,
+    so an engine kept alive by a reference cycle made a second LLM in one process run out of memory."""
+    import gc
+    import weakref
+
+    from sarathi import LLM
+
+    gc.disable()
+    try:
+        llm = LLM(kv_cache_memory="16MiB")
+        llm.generate(["Hi"], SamplingParams(max_tokens=2), use_tqdm=False)
+        ex = llm.engine.executor
+        model, cache = weakref.ref(ex.model), weakref.ref(ex.kv_caches[0][0])
+        del ex
+        del llm
+        assert model() is None and cache() is None
+    finally:
+        gc.enable()

@@ -134,8 +134,16 @@ class LLMEngine:
         self.executor = (executor_class or get_executor_class(name))(args, cfg)
         self.dtype = getattr(self.executor, "dtype", None)
         self.structured, refusal = self._structured_outputs()
-        self.input = InputProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len,
-                                    lambda: self.kv.num_blocks * self.kv.block_size, clock,
+        # A weak reference: a closure over self would make engine and input processor a cycle, and a
+        # dropped engine's weights and KV cache would then wait for the cyclic GC (which large tensors
+        # do not trigger: a second LLM in the same process could run out of memory).
+        ref = weakref.ref(self)
+
+        def kv_slots() -> int:
+            eng = ref()
+            return 0 if eng is None else eng.kv.num_blocks * eng.kv.block_size
+
+        self.input = InputProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len, kv_slots, clock,
                                     getattr(self.executor, "supports_prompt_logprobs", False),
                                     self.structured, refusal)
         self.output = OutputProcessor(self.tokenizer)

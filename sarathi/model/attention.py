@@ -63,6 +63,9 @@ class AttentionMetadata:
     # The compiled CPU kernel (sarathi.model.kernels) reading K/V blocks in place, when available;
     # None: gather + SDPA in torch. Chosen once per step, so every layer of a step takes the same path.
     decode_kernel: Callable[..., Any] | None = None
+    # The compiled bf16 prompt-chunk attention (CPUs with AVX512-BF16; sarathi.model.kernels), or None:
+    # SDPA. Also chosen once per step.
+    prefill_kernel: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         if self.decode_kernel is not None:
@@ -97,7 +100,7 @@ def paged_attention(
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
     for c in meta.prefills:
         sl = slice(c.q_start, c.q_start + c.q_len)
-        out[sl] = _chunk_attention(q[sl], k[sl], v[sl], k_cache, v_cache, c, scale)
+        out[sl] = _chunk_attention(q[sl], k[sl], v[sl], k_cache, v_cache, c, scale, meta.prefill_kernel)
     return out
 
 
@@ -134,6 +137,7 @@ def _chunk_attention(
     v_cache: torch.Tensor,
     c: PrefillChunk,
     scale: float,
+    kernel: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     n, h, d = q.shape
     kvh = k_new.shape[1]
@@ -145,6 +149,8 @@ def _chunk_attention(
     else:
         k = _gather(k_cache, c.block_table).view(-1, kvh, d)[: c.kv_len]
         v = _gather(v_cache, c.block_table).view(-1, kvh, d)[: c.kv_len]
+    if kernel is not None and d in (64, 128) and q.dtype == torch.bfloat16:
+        return kernel(_rows(q), _rows(k), _rows(v), scale)
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
     kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, kv_len, D]
     vh = v.transpose(0, 1).unsqueeze(0)
@@ -167,3 +173,8 @@ def causal_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     g = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1),
                                           attn_mask=causal_lower_right(n, kv_len), scale=scale)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] with each row's heads adjacent and dense (the kernels' layout), copying if not."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()

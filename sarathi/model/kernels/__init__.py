@@ -22,8 +22,9 @@ from typing import Any
 logger = logging.getLogger("sarathi")
 
 _SRC = Path(__file__).with_name("decode_attention.cpp")
+_SOURCES = [_SRC, _SRC.with_name("prefill_attention.cpp")]
 _lock = threading.Lock()
-_state: dict[str, Any] = {"fn": None, "thread": None, "error": None}
+_state: dict[str, Any] = {"fn": None, "prefill": None, "thread": None, "error": None}
 
 
 def enabled() -> bool:
@@ -35,7 +36,7 @@ def _build_dir() -> tuple[str, Path]:
 
     from sarathi.config import cpu_flags
 
-    key = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + torch.__version__.encode()
                          + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SARATHI_CACHE") or Path.home() / ".cache" / "sarathi")
     name = f"sarathi_decode_attention_{key}"
@@ -64,7 +65,8 @@ def _build() -> None:
         # which the OS releases when its holder dies: holding it, any torch lock left is stale.
         with _exclusive(path / "sarathi.flock"):
             (path / "lock").unlink(missing_ok=True)
-            mod = cpp_extension.load(name, [str(_SRC)], build_directory=str(path), verbose=False,
+            mod = cpp_extension.load(name, [str(p) for p in _SOURCES], build_directory=str(path),
+                                     verbose=False,
                                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                      extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, headers, or a broken toolchain: the torch path stays
@@ -73,6 +75,7 @@ def _build() -> None:
                        str(e).splitlines()[0] if str(e) else type(e).__name__)
         return
     _state["fn"] = mod.decode_attention
+    _state["prefill"] = mod.prefill_attention if mod.prefill_attention_available() else None
     logger.info("C++ decode-attention kernel %s in %.1f s", "loaded" if cached else "built",
                 time.perf_counter() - t0)
 
@@ -93,6 +96,11 @@ def start_build(wait: bool = False) -> None:
 def decode_attention() -> Callable[..., Any] | None:
     """The compiled kernel, or None if it is not (yet) available."""
     return _state["fn"]
+
+
+def prefill_attention() -> Callable[..., Any] | None:
+    """The compiled bf16 prompt-chunk attention (CPUs with AVX512-BF16), or None."""
+    return _state["prefill"]
 
 
 def build_error() -> str | None:

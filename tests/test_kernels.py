@@ -99,32 +99,34 @@ def test_a_stale_torch_build_lock_does_not_hang_the_build(cpu_kernels, tmp_path,
     assert kernels.decode_attention() is not None, kernels.build_error()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,n,kv_len", [
     (9, 3, 64, 512, 512), (9, 3, 64, 37, 100), (4, 4, 128, 16, 16), (8, 2, 64, 2, 300), (9, 3, 64, 45, 1000),
 ])
-def test_prefill_kernel_matches_sdpa(cpu_kernels, heads, kv_heads, head_dim, n, kv_len):
-    """The bf16 prompt-chunk kernel is SDPA with the bottom-right causal mask (chunk after a cached
-    prefix, grouped-query heads, q rows strided as in the fused projection): checked against float32
-    SDPA on the same bf16 inputs, within bf16's rounding of the output and of the probabilities."""
-    fn = kernels.prefill_attention()
+def test_prefill_kernel_matches_sdpa(cpu_kernels, dtype, heads, kv_heads, head_dim, n, kv_len):
+    """The prompt-chunk kernel is SDPA with the bottom-right causal mask (chunk after a cached prefix,
+    grouped-query heads, q rows strided as in the fused projection): checked against float32 SDPA on the
+    same inputs; bf16 within its rounding of the output and of the probabilities."""
+    fn = kernels.prefill_attention(dtype)
     if fn is None:
-        pytest.skip("no AVX512-BF16 on this CPU (or no kernel): SDPA is used")
+        pytest.skip(f"no {dtype} prompt-chunk kernel on this CPU: SDPA is used")
     g = torch.Generator().manual_seed(n * kv_len)
-    qkv = torch.randn(n, heads + 2 * kv_heads, head_dim, generator=g).bfloat16()
+    qkv = torch.randn(n, heads + 2 * kv_heads, head_dim, generator=g).to(dtype)
     q = qkv[:, :heads]  # a view: rows strided by the fused projection's width
-    k = torch.randn(kv_len, kv_heads, head_dim, generator=g).bfloat16()
-    v = torch.randn(kv_len, kv_heads, head_dim, generator=g).bfloat16()
+    k = torch.randn(kv_len, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(kv_len, kv_heads, head_dim, generator=g).to(dtype)
     mask = torch.arange(kv_len)[None, :] <= (torch.arange(n) + kv_len - n)[:, None]
     ref = torch.nn.functional.scaled_dot_product_attention(
         *(x.float().transpose(0, 1)[None] for x in (q, k, v)), attn_mask=mask, scale=head_dim**-0.5,
         enable_gqa=True)[0].transpose(0, 1)
     out = fn(q, k, v, head_dim**-0.5)
-    assert out.dtype == torch.bfloat16 and out.shape == (n, heads, head_dim)
-    torch.testing.assert_close(out.float(), ref, atol=1.6e-2, rtol=1.6e-2)
+    assert out.dtype == dtype and out.shape == (n, heads, head_dim)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
 def test_prefill_kernel_refuses_bad_input(cpu_kernels):
-    fn = kernels.prefill_attention()
+    fn = kernels.prefill_attention(torch.bfloat16)
     if fn is None:
         pytest.skip("no AVX512-BF16 on this CPU (or no kernel)")
     q, k = torch.zeros(4, 2, 64).bfloat16(), torch.zeros(8, 2, 64).bfloat16()
@@ -133,5 +135,5 @@ def test_prefill_kernel_refuses_bad_input(cpu_kernels):
         fn(small[:4], small, small, 1.0)
     with pytest.raises(RuntimeError, match="within its keys"):
         fn(q, k[:2], k[:2], 1.0)
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        fn(q.float(), k.float(), k.float(), 1.0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        fn(q.float(), k, k, 1.0)

@@ -149,8 +149,7 @@ class LocalExecutor(Executor):
             prefills.append(PrefillChunk(q_start, s.num_tokens, kv_len, table, start_slot=start))
             q_start += s.num_tokens
         kernel = kernels.decode_attention() if dev.type == "cpu" and decodes else None
-        chunk_kernel = (kernels.prefill_attention()
-                        if dev.type == "cpu" and prefills and self.dtype == torch.bfloat16 else None)
+        chunk_kernel = kernels.prefill_attention(self.dtype) if dev.type == "cpu" and prefills else None
         return AttentionMetadata(_long(slots, dev), len(decodes), tables, seq_lens, max_len, prefills,
                                  decode_kernel=kernel, prefill_kernel=chunk_kernel)
 

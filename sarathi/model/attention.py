@@ -63,8 +63,8 @@ class AttentionMetadata:
     # The compiled CPU kernel (sarathi.model.kernels) reading K/V blocks in place, when available;
     # None: gather + SDPA in torch. Chosen once per step, so every layer of a step takes the same path.
     decode_kernel: Callable[..., Any] | None = None
-    # The compiled bf16 prompt-chunk attention (CPUs with AVX512-BF16; sarathi.model.kernels), or None:
-    # SDPA. Also chosen once per step.
+    # The compiled prompt-chunk attention for this dtype (CPUs with AVX-512; sarathi.model.kernels), or
+    # None: SDPA. Also chosen once per step.
     prefill_kernel: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
@@ -149,7 +149,10 @@ def _chunk_attention(
     else:
         k = _gather(k_cache, c.block_table).view(-1, kvh, d)[: c.kv_len]
         v = _gather(v_cache, c.block_table).view(-1, kvh, d)[: c.kv_len]
-    if kernel is not None and d in (64, 128) and q.dtype == torch.bfloat16:
+    # The executor picked the kernel for this dtype. bf16 (dot-product units): 2.1-3.6x SDPA on every
+    # shape measured. float32 (FMAs): 1.3-1.6x while the cached prefix is at most as long as the chunk,
+    # but 0.8-0.9x SDPA on short chunks after long prefixes (benchmarks/README.md), so those keep SDPA.
+    if kernel is not None and d in (64, 128) and (q.dtype == torch.bfloat16 or c.kv_len <= 2 * n):
         return kernel(_rows(q), _rows(k), _rows(v), scale)
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
     kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, kv_len, D]

@@ -24,7 +24,7 @@ logger = logging.getLogger("sarathi")
 _SRC = Path(__file__).with_name("decode_attention.cpp")
 _SOURCES = [_SRC, _SRC.with_name("prefill_attention.cpp")]
 _lock = threading.Lock()
-_state: dict[str, Any] = {"fn": None, "prefill": None, "thread": None, "error": None}
+_state: dict[str, Any] = {"fn": None, "prefill": None, "prefill_dtypes": set(), "thread": None, "error": None}
 
 
 def enabled() -> bool:
@@ -75,7 +75,8 @@ def _build() -> None:
                        str(e).splitlines()[0] if str(e) else type(e).__name__)
         return
     _state["fn"] = mod.decode_attention
-    _state["prefill"] = mod.prefill_attention if mod.prefill_attention_available() else None
+    _state["prefill"] = mod.prefill_attention
+    _state["prefill_dtypes"] = set(mod.prefill_attention_dtypes())
     logger.info("C++ decode-attention kernel %s in %.1f s", "loaded" if cached else "built",
                 time.perf_counter() - t0)
 
@@ -98,9 +99,10 @@ def decode_attention() -> Callable[..., Any] | None:
     return _state["fn"]
 
 
-def prefill_attention() -> Callable[..., Any] | None:
-    """The compiled bf16 prompt-chunk attention (CPUs with AVX512-BF16), or None."""
-    return _state["prefill"]
+def prefill_attention(dtype: Any) -> Callable[..., Any] | None:
+    """The compiled prompt-chunk attention for ``dtype`` (a torch dtype: float32 on CPUs with AVX-512,
+    bfloat16 with AVX512-BF16 too), or None."""
+    return _state["prefill"] if str(dtype).removeprefix("torch.") in _state["prefill_dtypes"] else None
 
 
 def build_error() -> str | None:

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace {
@@ -127,10 +128,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Te
 
 // prefill_attention.cpp
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale);
-bool prefill_attention_available();
+std::vector<std::string> prefill_attention_dtypes();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "paged decode attention (CPU)");
-  m.def("prefill_attention", &prefill_attention, "causal bf16 prompt-chunk attention (CPU, AVX512-BF16)");
-  m.def("prefill_attention_available", &prefill_attention_available, "built with AVX512-BF16");
+  m.def("prefill_attention", &prefill_attention, "causal prompt-chunk attention (CPU, AVX-512)");
+  m.def("prefill_attention_dtypes", &prefill_attention_dtypes, "the dtypes prefill_attention takes here");
 }

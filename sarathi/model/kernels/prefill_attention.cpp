@@ -71,6 +71,28 @@ inline bool softmax_step(__m512 s0, __m512 s1, int64_t pos, int64_t k0, float sc
   return true;
 }
 
+// A tile's query rows and their running softmax state; rows past the chunk repeat its last row (their
+// results are never stored). acc holds the unnormalised output, m the running maximum, l the sum.
+template <typename T, int64_t D>
+struct Rows {
+  const T* q[kRows];
+  int64_t pos[kRows];
+  float m[kRows], l[kRows], alpha[kRows];
+  alignas(64) float acc[kRows][D];
+
+  Rows(const T* qd, int64_t sq, int64_t n, int64_t kv_len, int64_t head, int64_t i0) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      const int64_t i = std::min(i0 + r, n - 1);
+      q[r] = qd + i * sq + head * D;
+      pos[r] = kv_len - n + i;
+      m[r] = -std::numeric_limits<float>::infinity();
+      l[r] = 0.f;
+      std::fill(acc[r], acc[r] + D, 0.f);
+    }
+  }
+  int64_t last() const { return pos[kRows - 1]; }
+};
+
 // ---- float32 ------------------------------------------------------------------------------------
 // Kp: [KVH][blocks of 16 keys][D][16 keys], zero past kv_len.
 void pack_f32(const float* k, int64_t sk, int64_t kv_len, int64_t KVH, int64_t D, int64_t padded, float* Kp) {
@@ -87,24 +109,12 @@ template <int64_t D>
 void tile_f32(const float* q, int64_t sq, int64_t n, int64_t kv_len, int64_t head, int64_t G, int64_t i0,
               const float* Kp, const float* v, int64_t sv, int64_t padded, float scale, float* out, int64_t so) {
   constexpr int64_t C = D / 16, RP = 16 / C;
-  const int64_t kvh = head / G, off = kv_len - n;
+  const int64_t kvh = head / G;
   const float* kh = Kp + kvh * padded * D;
-  const float* qr[kRows];
-  int64_t pos[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
-    const int64_t i = std::min(i0 + r, n - 1);
-    qr[r] = q + i * sq + head * D;
-    pos[r] = off + i;
-  }
-  alignas(64) float acc[kRows][D];
+  Rows<float, D> t(q, sq, n, kv_len, head, i0);
+  auto& [qr, pos, m, l, alpha, acc] = t;
   alignas(64) float pf[kRows][kKeys];
-  float m[kRows], l[kRows], alpha[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
-    m[r] = -std::numeric_limits<float>::infinity();
-    l[r] = 0.f;
-    std::fill(acc[r], acc[r] + D, 0.f);
-  }
-  const int64_t last = pos[kRows - 1];
+  const int64_t last = t.last();
   for (int64_t k0 = 0; k0 <= last; k0 += kKeys) {
     __m512 s[kRows][2];
     for (int64_t r = 0; r < kRows; ++r) s[r][0] = s[r][1] = _mm512_setzero_ps();
@@ -190,25 +200,13 @@ void tile_bf16(const uint16_t* q, int64_t sq, int64_t n, int64_t kv_len, int64_t
   constexpr int64_t P = D / 2;    // bf16 pairs per row
   constexpr int64_t C = D / 16;   // fp32 output registers per row
   constexpr int64_t RP = 16 / C;  // rows per P.V pass: 16 output accumulators in flight
-  const int64_t kvh = head / G, off = kv_len - n;
+  const int64_t kvh = head / G;
   const uint16_t* kh = Kp + kvh * padded * D;
   const uint16_t* vh = Vp + kvh * padded * D;
-  const uint16_t* qr[kRows];
-  int64_t pos[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
-    const int64_t i = std::min(i0 + r, n - 1);  // rows past the chunk repeat the last one, unstored
-    qr[r] = q + i * sq + head * D;
-    pos[r] = off + i;
-  }
-  alignas(64) float acc[kRows][D];
+  Rows<uint16_t, D> t(q, sq, n, kv_len, head, i0);
+  auto& [qr, pos, m, l, alpha, acc] = t;
   alignas(64) uint16_t pb[kRows][kKeys];
-  float m[kRows], l[kRows], alpha[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
-    m[r] = -std::numeric_limits<float>::infinity();
-    l[r] = 0.f;
-    std::fill(acc[r], acc[r] + D, 0.f);
-  }
-  const int64_t last = pos[kRows - 1];
+  const int64_t last = t.last();
   for (int64_t k0 = 0; k0 <= last; k0 += kKeys) {
     // scores of every row against keys k0..k0+31
     __m512 s[kRows][2];

@@ -10,7 +10,7 @@
 # Ctrl-C or by killing the printed PID.
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PY="${REPO_ROOT}/.venv-vllm/bin/python"
 MODEL_DIR="${MODEL_DIR:-${REPO_ROOT}/benchmarks/cache/smollm2-135m-hf}"
 [ -x "${PY}" ] || { echo "missing ${PY}: run scripts/setup_vllm_cpu.sh" >&2; exit 1; }

@@ -1,8 +1,10 @@
 """Optional C++ CPU kernels, compiled on first use with the machine's compiler and cached.
 
-``decode_attention()`` returns the compiled paged decode-attention function, or None while it is not
-available (no compiler, a failed build, a CUDA run, or ``SARATHI_KERNELS=0``); callers then use the
-pure-torch path, which the kernel is parity-tested against. The build (~30-60 s on 2 cores) runs in a
+``decode_attention()`` returns the compiled paged decode-attention function and
+``prefill_attention(dtype)`` the prompt-chunk attention for a dtype (AVX-512 CPUs: float32, and bfloat16
+with AVX512-BF16), or None while they are not available (no compiler, a failed build, a CUDA run, or
+``SARATHI_KERNELS=0``); callers then use the pure-torch path, which the kernels are parity-tested
+against. The build (~30-60 s on 2 cores) runs in a
 background thread so engine start never waits for it: steps use the torch path until it is ready.
 The cache key includes the source hash, the torch version and the CPU's flags, because the build uses
 ``-march=native`` (a cache shared by two CPU models must not hand one the other's instructions).

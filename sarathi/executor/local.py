@@ -78,8 +78,15 @@ class LocalExecutor(Executor):
             _long(input_ids, dev), _long(positions, dev), meta, self.kv_caches,
             _long(sample_rows + prompt_rows, dev),
         )
-        out = ModelOutput(plan.step_id)
-        ns = len(sample_rows)
+        out = self._output(plan.step_id, logits, samplers, prompt_seqs)
+        out.execute_time = time.perf_counter() - t0
+        return out
+
+    def _output(self, step_id: int, logits: torch.Tensor, samplers: list[SeqPlan],
+                prompt_seqs: list[SeqPlan]) -> ModelOutput:
+        """The step's output from the logits of its sampled rows, then its prompt-logprob rows."""
+        out = ModelOutput(step_id)
+        ns = len(samplers)
         if prompt_seqs:  # before sampling, which edits its own rows (bias, bans) in place
             specs: list[PromptLogprobSpec] = [s.prompt_logprobs for s in prompt_seqs]  # type: ignore[misc]
             out.prompt_logprobs = dict(zip((s.req_id for s in prompt_seqs),
@@ -88,7 +95,6 @@ class LocalExecutor(Executor):
             res = sample(logits[:ns], [s.sample for s in samplers], self.generator)  # type: ignore[misc]
             out.sampled = {s.req_id: SampledToken(t, lp)
                            for s, t, lp in zip(samplers, res.token_ids, res.logprobs)}
-        out.execute_time = time.perf_counter() - t0
         return out
 
     def _flatten(self, seqs: list[SeqPlan]) -> tuple[list[int], list[int], list[int], list[int],

@@ -19,8 +19,7 @@ from sarathi.executor.base import Executor, ExecutorError
 from sarathi.executor.local import LocalExecutor, _long
 from sarathi.model import kernels
 from sarathi.model.attention import configure_sdpa
-from sarathi.model.sampler import prompt_logprobs, sample
-from sarathi.scheduler.plan import ModelOutput, PromptLogprobSpec, SampledToken, StepPlan
+from sarathi.scheduler.plan import ModelOutput, StepPlan
 
 if TYPE_CHECKING:
     from sarathi.config import EngineArgs
@@ -127,16 +126,7 @@ class _StageRunner(LocalExecutor):
                        _long(sample_rows + prompt_rows, dev), hidden)
         if not self.model.is_last:
             return x
-        out = ModelOutput(plan.step_id)
-        ns = len(sample_rows)
-        if prompt_seqs:  # before sampling, which edits its own rows (bias, bans) in place
-            specs: list[PromptLogprobSpec] = [s.prompt_logprobs for s in prompt_seqs]  # type: ignore[misc]
-            out.prompt_logprobs = dict(zip((s.req_id for s in prompt_seqs), prompt_logprobs(x[ns:], specs)))
-        if samplers:
-            res = sample(x[:ns], [s.sample for s in samplers], self.generator)  # type: ignore[misc]
-            out.sampled = {s.req_id: SampledToken(t, lp)
-                           for s, t, lp in zip(samplers, res.token_ids, res.logprobs)}
-        return out
+        return self._output(plan.step_id, x, samplers, prompt_seqs)
 
     def execute(self, plan: StepPlan) -> ModelOutput:  # pragma: no cover - stages use run()
         raise NotImplementedError

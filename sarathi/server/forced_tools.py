@@ -49,9 +49,12 @@ def forced_constraint(choice: str | dict[str, Any], tools: list[dict[str, Any]],
                               "items": items[0] if len(items) == 1 else {"anyOf": items}}
     if not parallel_tool_calls:
         schema["maxItems"] = 1
-    for i, t in enumerate(tools):  # name the tool whose parameters do not compile, not the whole array
-        _constraint(_parameters(t), f"tools.{i}.function.parameters")
-    return _constraint(schema, "tools")
+    try:
+        return _constraint(schema, "tools")
+    except InvalidArgument:  # name the tool whose parameters do not compile, not the whole array
+        for i, t in enumerate(tools):
+            _constraint(_parameters(t), f"tools.{i}.function.parameters")
+        raise
 
 
 def _constraint(schema: dict[str, Any], field: str) -> StructuredOutputsParams:
@@ -142,19 +145,9 @@ class _RequiredStream(StreamingToolParser):
             if not (isinstance(item, dict) and isinstance(item.get("name"), str)):
                 break
             self.pos = end
-            self._call(item, out)
+            self._call(self.parser, item["name"], json.dumps(item.get("parameters", {}), ensure_ascii=False),
+                       out)
         return out
-
-    def _call(self, item: dict[str, Any], out: list[dict[str, Any]]) -> None:
-        if self.parser.max_calls is not None and len(self.tool_calls) >= self.parser.max_calls:
-            return
-        args = json.dumps(item.get("parameters", {}), ensure_ascii=False)
-        tc = ToolCall(item["name"], args, self.parser.new_id())
-        index = len(self.tool_calls)
-        self.tool_calls.append(tc)
-        out.append({"tool_calls": [{"index": index, "id": tc.id, "type": "function",
-                                    "function": {"name": tc.name, "arguments": ""}}]})
-        out.append({"tool_calls": [{"index": index, "function": {"arguments": args}}]})
 
     def finish(self) -> list[dict[str, Any]]:
         out = self.feed("")

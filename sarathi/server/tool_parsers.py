@@ -62,6 +62,19 @@ class StreamingToolParser:
     def __init__(self) -> None:
         self.tool_calls: list[ToolCall] = []
 
+    def _call(self, parser: ToolParser, name: str, arguments: str, out: list[dict[str, Any]]) -> None:
+        """Record a complete call (unless ``parser.max_calls`` are already made) and add its two deltas,
+        as OpenAI and vLLM stream a call: ``{index, id, type, function: {name, arguments: ""}}``, then
+        ``{index, function: {arguments}}``."""
+        if parser.max_calls is not None and len(self.tool_calls) >= parser.max_calls:
+            return
+        tc = ToolCall(name, arguments, parser.new_id())
+        index = len(self.tool_calls)
+        self.tool_calls.append(tc)
+        out.append({"tool_calls": [{"index": index, "id": tc.id, "type": "function",
+                                    "function": {"name": name, "arguments": ""}}]})
+        out.append({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
+
     def feed(self, text: str) -> list[dict[str, Any]]:
         raise NotImplementedError
 
@@ -129,15 +142,7 @@ class _HermesStream(StreamingToolParser):
         if call is None:  # not a call: the text as the model wrote it
             self._content(self.START + body + (self.END if closed else ""), out)
             return
-        if self.parser.max_calls is not None and len(self.tool_calls) >= self.parser.max_calls:
-            return
-        name, arguments = call
-        tc = ToolCall(name, arguments, self.parser.new_id())
-        index = len(self.tool_calls)
-        self.tool_calls.append(tc)
-        out.append({"tool_calls": [{"index": index, "id": tc.id, "type": "function",
-                                    "function": {"name": name, "arguments": ""}}]})
-        out.append({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
+        self._call(self.parser, *call, out)
 
     # ---- input -------------------------------------------------------------------------------------
     def feed(self, text: str) -> list[dict[str, Any]]:

@@ -55,9 +55,6 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def id_to_token(self, token_id: int) -> str | None:
-        return self._tk.id_to_token(token_id)
-
     @property
     def special_tokens_map(self) -> dict[str, str]:
         """The special tokens a chat template sees, as transformers' ``special_tokens_map``: only the

@@ -17,8 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_RESULTS_DIR = Path("benchmarks/results")
-
 
 def loadavg() -> list[float]:
     """``os.getloadavg()`` rounded (1, 5 and 15 minute averages)."""
@@ -164,10 +162,3 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(fmt(r.get(k), digits) for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """``q``-th percentile (linear interpolation); NaN for an empty list."""
-    import numpy as np
-
-    return float(np.percentile(values, q)) if len(values) else float("nan")

@@ -378,8 +378,3 @@ class LLMEngine:
             if g.finished:
                 self.output.remove(g)
         return outputs
-
-    # ---- introspection for metrics ----------------------------------------------------------
-    @property
-    def kv_usage(self) -> float:
-        return self.kv.usage

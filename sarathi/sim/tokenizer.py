@@ -23,9 +23,6 @@ class TokenIdsOnly:
         # Empty text keeps the incremental detokenizer and stop-string checks cheap no-ops.
         return ""
 
-    def id_to_token(self, token_id: int) -> str | None:
-        return None
-
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             chat_template: str | None = None) -> str:
         raise InvalidArgument("messages", "messages: this engine has no tokenizer or chat template")

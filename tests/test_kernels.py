@@ -19,7 +19,9 @@ def test_kernel_builds_where_a_compiler_exists(cpu_kernels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (8, 2, 48)])
+# (9, 3, 64): SmolLM2; (32, 8, 64): Llama-3.2-1B; (7, 1, 128): 4 + 3 heads per KV head; 48: generic path.
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (32, 8, 64), (7, 1, 128),
+                                                     (8, 2, 48)])
 def test_decode_kernel_matches_torch_path(cpu_kernels, dtype, heads, kv_heads, head_dim):
     if cpu_kernels is None:
         pytest.skip(f"kernel unavailable: {kernels.build_error()}")
@@ -137,3 +139,44 @@ def test_prefill_kernel_refuses_bad_input(cpu_kernels):
         fn(q, k[:2], k[:2], 1.0)
     with pytest.raises(RuntimeError, match="share a dtype"):
         fn(q.float(), k, k, 1.0)
+
+
+def test_fused_bf16_layer_ops_match_the_torch_ops(cpu_kernels):
+    """Each fused op against the torch ops it replaces in a bf16 layer: the same float32 arithmetic and
+    bf16 roundings, so only the RMS's summation order and SiLU's exp can move a value, by one bf16 step."""
+    from sarathi.model.llama import add_rms_norm
+    from sarathi.model.rope import apply_rope
+
+    ops = kernels.fused_ops(torch.bfloat16)
+    if ops is None:
+        pytest.skip(f"fused ops unavailable: {kernels.build_error() or 'no AVX-512'}")
+    assert kernels.fused_ops(torch.float32) is None  # float32 keeps torch's ops
+    g = torch.Generator().manual_seed(0)
+    t, n, inter = 37, 200, 333  # widths that are not multiples of 16: the masked tails
+    x = (3 * torch.randn(t, n, generator=g)).bfloat16()
+    d = torch.randn(t, n, generator=g).bfloat16()
+    w = (1 + torch.randn(n, generator=g) / 4).bfloat16()
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> None:
+        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+        differ = a != b
+        assert differ.float().mean() < 0.01, f"{int(differ.sum())} of {a.numel()} differ"
+        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-6)  # one bf16 step at most
+
+    s_ref, h_ref = add_rms_norm(x, d, w, 1e-5)
+    s, h = add_rms_norm(x, d, w, 1e-5, ops)
+    assert torch.equal(s, s_ref)  # the residual add is exact: one rounding either way
+    close(h, h_ref)
+    close(add_rms_norm(x, None, w, 1e-5, ops)[1], add_rms_norm(x, None, w, 1e-5)[1])
+    gu = (4 * torch.randn(t, 2 * inter, generator=g)).bfloat16()
+    gate, up = gu.chunk(2, dim=-1)
+    close(ops.silu_mul(gu), torch.nn.functional.silu(gate) * up)
+    heads, rot, hd = 5, 4, 64
+    qkv = torch.randn(t, heads, hd, generator=g).bfloat16()
+    angles = torch.rand(t, 1, hd // 2, generator=g) * 100
+    ref, rest = apply_rope(qkv[:, :rot], angles.cos(), angles.sin()), qkv[:, rot:].clone()
+    ops.rope_(qkv, rot, angles.cos(), angles.sin())
+    assert torch.equal(qkv[:, :rot], ref)  # same multiplies and adds in float32: bit-identical
+    assert torch.equal(qkv[:, rot:], rest)  # heads past ``rot`` (the values) untouched
+    with pytest.raises(RuntimeError):
+        ops.silu_mul(gu.float())

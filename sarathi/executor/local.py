@@ -156,8 +156,9 @@ class LocalExecutor(Executor):
             q_start += s.num_tokens
         kernel = kernels.decode_attention() if dev.type == "cpu" and decodes else None
         chunk_kernel = kernels.prefill_attention(self.dtype) if dev.type == "cpu" and prefills else None
+        ops = kernels.fused_ops(self.dtype) if dev.type == "cpu" else None
         return AttentionMetadata(_long(slots, dev), len(decodes), tables, seq_lens, max_len, prefills,
-                                 decode_kernel=kernel, prefill_kernel=chunk_kernel)
+                                 decode_kernel=kernel, prefill_kernel=chunk_kernel, layer_ops=ops)
 
 
 def _long(values: list, device: torch.device) -> torch.Tensor:

@@ -7,6 +7,8 @@ single projections so each layer reads its weights in as few GEMMs as possible.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,24 +78,47 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        delta: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hidden state entering the layer is ``x + delta`` (``delta`` None: just ``x``); returns the
+        leaving one the same way, so each residual add is fused with the RMSNorm that follows it."""
         t = x.shape[0]
-        h = rms_norm(x, self.input_norm, self.eps)
+        ops = meta.layer_ops
+        x, h = add_rms_norm(x, delta, self.input_norm, self.eps, ops)
         qkv = self.qkv_proj(h).view(t, -1, self.head_dim)
+        nq, nkv = self.num_heads, self.num_kv_heads
         # q and k heads are adjacent in the fused projection: rotate them in one go.
-        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], *rope)
-        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
-        v = qkv[:, self.num_heads + self.num_kv_heads:]
+        if ops is not None:
+            cos, sin = rope
+            ops.rope_(qkv, nq + nkv, cos, sin)  # in place: q and k stay views of qkv
+            q, k = qkv[:, :nq], qkv[:, nq : nq + nkv]
+        else:
+            q, k = apply_rope(qkv[:, : nq + nkv], *rope).split((nq, nkv), dim=1)
+        v = qkv[:, nq + nkv :]
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.head_dim**-0.5)
-        x = x + self.o_proj(attn.view(t, -1))
-        h = rms_norm(x, self.post_norm, self.eps)
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        x, h = add_rms_norm(x, self.o_proj(attn.view(t, -1)), self.post_norm, self.eps, ops)
+        gate_up = self.gate_up_proj(h)
+        if ops is not None:
+            act = ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return x, self.down_proj(act)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 ops: Any | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, rms_norm(s))`` for ``s = x + delta`` (``x`` if delta is None), in one pass with ``ops``."""
+    if ops is not None:
+        return (x, ops.rms_norm(x, weight, eps)) if delta is None else ops.add_rms_norm(x, delta, weight, eps)
+    if delta is not None:
+        x = x + delta
+    return x, rms_norm(x, weight, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -143,11 +168,14 @@ class LlamaForCausalLM(nn.Module):
             assert hidden is not None, "a stage after the first needs the previous stage's hidden states"
             x = hidden
         rope = self.rope.tables(positions)
+        delta = None
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, meta, cache)
+            x, delta = layer(x, delta, rope, meta, cache)
         if self.lm_head is None or self.norm is None:
-            return x
+            return x if delta is None else x + delta
         # The LM head is the largest single matmul of a small model: run it only on the tokens we
         # sample from (last token of each finished chunk and each decode), not on every prompt token.
-        x = rms_norm(x[logits_indices], self.norm, self.cfg.rms_norm_eps)
-        return self.lm_head(x).float()
+        rows = x[logits_indices]
+        _, h = add_rms_norm(rows, None if delta is None else delta[logits_indices], self.norm,
+                            self.cfg.rms_norm_eps, meta.layer_ops)
+        return self.lm_head(h).float()

@@ -1,14 +1,14 @@
 """Optional C++ CPU kernels, compiled on first use with the machine's compiler and cached.
 
-``decode_attention()`` returns the compiled paged decode-attention function and
+``decode_attention()`` returns the compiled paged decode-attention function,
 ``prefill_attention(dtype)`` the prompt-chunk attention for a dtype (AVX-512 CPUs: float32, and bfloat16
-with AVX512-BF16), or None while they are not available (no compiler, a failed build, a CUDA run, or
-``SARATHI_KERNELS=0``); callers then use the pure-torch path, which the kernels are parity-tested
-against. The build (~30-60 s on 2 cores) runs in a
-background thread so engine start never waits for it: steps use the torch path until it is ready.
-The cache key includes the source hash, the torch version and the CPU's flags, because the build uses
-``-march=native`` (a cache shared by two CPU models must not hand one the other's instructions).
-"""
+with AVX512-BF16) and ``fused_ops(dtype)`` a bf16 decoder layer's fused elementwise ops (AVX-512), or
+None while they are not available (no compiler, a failed build, a CUDA run, or ``SARATHI_KERNELS=0``);
+callers then use the pure-torch path, which the kernels are parity-tested against. The build (~30-60 s
+on 2 cores) runs in a background thread so engine start never waits for it: steps use the torch path
+until it is ready. The cache key includes the source hash, the torch version and the CPU's flags, because
+the build uses ``-march=native`` (a cache shared by two CPU models must not hand one the other's
+instructions)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ from typing import Any
 logger = logging.getLogger("sarathi")
 
 _SRC = Path(__file__).with_name("decode_attention.cpp")
-_SOURCES = [_SRC, _SRC.with_name("prefill_attention.cpp")]
+_SOURCES = [_SRC, _SRC.with_name("prefill_attention.cpp"), _SRC.with_name("fused_ops.cpp")]
 _lock = threading.Lock()
-_state: dict[str, Any] = {"fn": None, "prefill": None, "prefill_dtypes": set(), "thread": None, "error": None}
+_state: dict[str, Any] = {"fn": None, "prefill": None, "prefill_dtypes": set(), "ops": None, "thread": None,
+                          "error": None}
 
 
 def enabled() -> bool:
@@ -79,6 +80,7 @@ def _build() -> None:
     _state["fn"] = mod.decode_attention
     _state["prefill"] = mod.prefill_attention
     _state["prefill_dtypes"] = set(mod.prefill_attention_dtypes())
+    _state["ops"] = mod if mod.fused_ops_available() else None
     logger.info("C++ decode-attention kernel %s in %.1f s", "loaded" if cached else "built",
                 time.perf_counter() - t0)
 
@@ -105,6 +107,12 @@ def prefill_attention(dtype: Any) -> Callable[..., Any] | None:
     """The compiled prompt-chunk attention for ``dtype`` (a torch dtype: float32 on CPUs with AVX-512,
     bfloat16 with AVX512-BF16 too), or None."""
     return _state["prefill"] if str(dtype).removeprefix("torch.") in _state["prefill_dtypes"] else None
+
+
+def fused_ops(dtype: Any) -> Any | None:
+    """The module with the fused bf16 layer ops (``rms_norm``, ``add_rms_norm``, ``silu_mul``, ``rope_``;
+    sarathi/model/llama.py says where each goes) for ``dtype`` on AVX-512 CPUs, or None: torch ops."""
+    return _state["ops"] if str(dtype).removeprefix("torch.") == "bfloat16" else None
 
 
 def build_error() -> str | None:

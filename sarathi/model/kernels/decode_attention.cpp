@@ -97,12 +97,11 @@ void decode_kernel(const T* q, const T* kc, const T* vc, const int64_t* tables, 
 
 #if defined(__AVX512F__)
 // The AVX-512 kernel for head sizes 64 and 128 (float32 or bf16 caches). Why: the generic loop above does
-// one horizontal sum and one scalar exp per (key, query head) and reaches ~8 GB/s of K/V, a fifth of the
-// memory bandwidth of a 2-core EPYC; this one is memory-bound. Scores: 16 keys at a time, each key's
-// products with a query head accumulated in one register, the 16 registers summed lane-wise by a
-// transpose-add (3 instructions per key instead of a 8-instruction horizontal sum per key and head).
-// Softmax: vector exp over all scores of a head. P.V: 16 output lanes at a time, the G heads sharing a
-// KV head kept in registers while V streams by once per 16-lane slice.
+// one horizontal sum and one scalar exp per (key, query head) and reaches ~8 GB/s of K/V on a 2-core EPYC
+// that streams ~50 GB/s. Here scores come 16 keys at a time, each key's products with a query head
+// accumulated in one register and the 16 registers summed lane-wise by a transpose-add (3 instructions per
+// key instead of an 8-instruction horizontal sum per key and head), the exp is a vector polynomial, and
+// P.V keeps the heads of a group in registers while the tile's V rows stream by.
 
 // 16 dims of row p as float32.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -142,95 +141,187 @@ inline __m512 exp_le0(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// acc[g] (16 output lanes at dim offset d0) = sum_t p[g][t] v_t[d0..d0+15] for GN heads of a group.
-template <typename T, int GN>
-inline void pv_slice(const float* p, int64_t ld, int64_t L, const T* const* vrows, int64_t d0, float* out,
-                     int64_t D) {
-  __m512 acc[GN];
-  for (int g = 0; g < GN; ++g) acc[g] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < L; ++t) {
-    const __m512 v = load16(vrows[t] + d0);
-    for (int g = 0; g < GN; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * ld + t]), v, acc[g]);
+// bf16 caches on CPUs with AVX512-BF16 run P.V on the dot-product unit, two keys per instruction.
+template <typename T>
+constexpr bool kPairedPV =
+#if defined(__AVX512BF16__)
+    std::is_same_v<T, c10::BFloat16>;
+#else
+    false;
+#endif
+
+// One tile of up to 16 keys of one KV head, for the G query heads sharing it: the scores, the online
+// softmax update of each head's running maximum m and sum l, and acc = alpha acc + sum_t p_t v_t.
+// krow / vrow: the tile's key and value rows of this KV head; qraw: the heads' query rows as stored (read
+// by the bf16 dot products, which scale the scores), qv: the same as float32 with the scale applied.
+template <typename T, int64_t D, int GN>
+inline void tile(const T* qraw, const __m512* qv, const T* const* krow, const T* const* vrow, int64_t n,
+                 float scale, float* m, float* l, float* acc) {
+  constexpr int64_t V = D / 16;
+  const __mmask16 live = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  __m512 sc[GN];
+  __m512 part[16];
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // bf16 pairs multiplied and summed in float32 by the dot-product unit: K rows read as they are.
+    for (int g = 0; g < GN; ++g) {
+      __m512bh qb[V / 2];
+      for (int64_t j = 0; j < V / 2; ++j) qb[j] = (__m512bh)_mm512_loadu_si512(qraw + g * D + j * 32);
+      for (int64_t i = 0; i < 16; ++i) {
+        __m512 s = _mm512_setzero_ps();
+        if (i < n)
+          for (int64_t j = 0; j < V / 2; ++j) s = _mm512_dpbf16_ps(s, qb[j], (__m512bh)_mm512_loadu_si512(krow[i] + j * 32));
+        part[i] = s;
+      }
+      sc[g] = _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale));
+    }
+  } else
+#endif
+  {
+    alignas(64) float kbuf[16 * D];  // the tile's keys as float32, converted once for all GN heads
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < V; ++j) _mm512_store_ps(kbuf + i * D + j * 16, load16(krow[i] + j * 16));
+    for (int g = 0; g < GN; ++g) {
+      for (int64_t i = 0; i < 16; ++i) {
+        __m512 s = _mm512_setzero_ps();
+        if (i < n)
+          for (int64_t j = 0; j < V; ++j) s = _mm512_fmadd_ps(qv[g * V + j], _mm512_load_ps(kbuf + i * D + j * 16), s);
+        part[i] = s;
+      }
+      sc[g] = sum16(part);
+    }
   }
-  for (int g = 0; g < GN; ++g) _mm512_storeu_ps(out + g * D + d0, acc[g]);
+  alignas(64) float p[GN][16];
+  float alpha[GN];
+  for (int g = 0; g < GN; ++g) {
+    const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live, sc[g]);
+    const float mn = std::max(m[g], _mm512_reduce_max_ps(x));
+    alpha[g] = std::exp(m[g] - mn);  // 0 on the first tile (m = -inf)
+    m[g] = mn;
+    const __m512 e = _mm512_maskz_mov_ps(live, exp_le0(_mm512_sub_ps(x, _mm512_set1_ps(mn))));
+    l[g] = l[g] * alpha[g] + _mm512_reduce_add_ps(e);
+    _mm512_store_ps(p[g], e);
+  }
+  // Whole V rows against all GN heads at once: GN x V independent accumulators, enough to keep the
+  // multiply-add units busy (one accumulator per head would chain each on the previous one's latency).
+  __m512 a[GN][V];
+  for (int g = 0; g < GN; ++g)
+    for (int64_t j = 0; j < V; ++j) a[g][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * D + j * 16), _mm512_set1_ps(alpha[g]));
+#if defined(__AVX512BF16__)
+  if constexpr (kPairedPV<T>) {
+    // Two keys per dot-product instruction: their V rows interleaved 16 bits at a time (unpacklo/hi, so
+    // accumulator register 2c holds dims 32c + 8r + {0..3} and 2c+1 dims 32c + 8r + {4..7}, r = 0..3:
+    // see pv_dim) against the pair of their probabilities rounded to bf16.
+    alignas(64) uint32_t pp[GN][8];
+    for (int g = 0; g < GN; ++g)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pp[g]), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(p[g])));
+    for (int64_t i = 0; i < n; i += 2) {
+      const T* r0 = vrow[i];
+      const T* r1 = vrow[std::min<int64_t>(i + 1, n - 1)];  // an odd tile's last pair: its p is 0
+      for (int64_t c = 0; c < V / 2; ++c) {
+        const __m512i x0 = _mm512_loadu_si512(r0 + 32 * c), x1 = _mm512_loadu_si512(r1 + 32 * c);
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(x0, x1), hi = (__m512bh)_mm512_unpackhi_epi16(x0, x1);
+        for (int g = 0; g < GN; ++g) {
+          const __m512bh pg = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g][i / 2]));
+          a[g][2 * c] = _mm512_dpbf16_ps(a[g][2 * c], pg, lo);
+          a[g][2 * c + 1] = _mm512_dpbf16_ps(a[g][2 * c + 1], pg, hi);
+        }
+      }
+    }
+  } else
+#endif
+  {
+    for (int64_t i = 0; i < n; ++i) {
+      __m512 v[V];
+      for (int64_t j = 0; j < V; ++j) v[j] = load16(vrow[i] + j * 16);
+      for (int g = 0; g < GN; ++g) {
+        const __m512 pg = _mm512_set1_ps(p[g][i]);
+        for (int64_t j = 0; j < V; ++j) a[g][j] = _mm512_fmadd_ps(pg, v[j], a[g][j]);
+      }
+    }
+  }
+  for (int g = 0; g < GN; ++g)
+    for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(acc + g * D + j * 16, a[g][j]);
 }
 
+// The output dim of accumulator slot idx (register idx / 16, lane idx % 16) after the paired P.V.
+inline int64_t pv_dim(int64_t idx) {
+  const int64_t j = idx / 16, k = idx % 16;
+  return 32 * (j / 2) + 8 * (k / 4) + 4 * (j % 2) + k % 4;
+}
+
+// Parallel over sequences when there are enough of them (each thread then streams whole K/V blocks, all
+// heads of a token being adjacent), else over (sequence, KV head) so a short batch still uses every core.
+// Each sequence's keys are read 16 at a time with an online softmax, so K and V are read once, in one pass.
 template <typename T, int64_t D>
 void decode_kernel_avx512(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* lens,
                           T* out, int64_t B, int64_t H, int64_t KVH, int64_t bs, int64_t W, float scale) {
-  constexpr int64_t V = D / 16;  // registers per row
+  constexpr int64_t V = D / 16;
+  constexpr int kGroup = static_cast<int>(256 / D);  // 4 heads at D = 64, 2 at D = 128
+  constexpr int64_t kAhead = 64;  // keys prefetched ahead
   const int64_t G = H / KVH;
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(G * D), inv(G);
-    std::vector<const T*> krow, vrow;
-    std::vector<__m512> qv(G * V);
+  const bool per_seq = B >= 2 * at::get_num_threads();
+  const int64_t items = per_seq ? B : B * KVH;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> m(H), l(H), acc(H * D);
+    std::vector<__m512> qv(H * V);
+    const T* krow[16];
+    const T* vrow[16];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / KVH, kh = item % KVH;
-      const int64_t L = lens[b], Lp = (L + 15) / 16 * 16;
+      const int64_t b = per_seq ? item : item / KVH;
+      const int64_t kh0 = per_seq ? 0 : item % KVH, kh1 = per_seq ? KVH : kh0 + 1;
+      const int64_t L = lens[b];
       const int64_t* table = tables + b * W;
-      scores.resize(G * Lp);
-      krow.resize(L);
-      vrow.resize(L);
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t off = ((table[t / bs] * bs + t % bs) * KVH + kh) * D;
-        krow[t] = kc + off;
-        vrow[t] = vc + off;
-      }
-      for (int64_t g = 0; g < G; ++g)
+      for (int64_t h = kh0 * G; h < kh1 * G; ++h) {
+        m[h] = -std::numeric_limits<float>::infinity();
+        l[h] = 0.f;
+        std::fill(acc.begin() + h * D, acc.begin() + (h + 1) * D, 0.f);
         for (int64_t j = 0; j < V; ++j)
-          qv[g * V + j] = _mm512_mul_ps(load16(q + (b * H + kh * G + g) * D + j * 16), _mm512_set1_ps(scale));
-      // scores[g][t] = (scale q_g) . k_t, 16 keys at a time (keys past L contribute zero rows).
-      __m512 part[16];
-      float kbuf[16 * D];
-      for (int64_t t0 = 0; t0 < Lp; t0 += 16) {
+          qv[h * V + j] = _mm512_mul_ps(load16(q + (b * H + h) * D + j * 16), _mm512_set1_ps(scale));
+      }
+      int64_t blk = 0, slot = 0;  // where key t0 + i lives: block table[blk], slot within it (no divisions)
+      int64_t base[16];
+      for (int64_t t0 = 0; t0 < L; t0 += 16) {
         const int64_t n = std::min<int64_t>(16, L - t0);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < V; ++j) _mm512_storeu_ps(kbuf + i * D + j * 16, load16(krow[t0 + i] + j * 16));
-        for (int64_t g = 0; g < G; ++g) {
-          for (int64_t i = 0; i < 16; ++i) {
-            __m512 s = _mm512_setzero_ps();
-            if (i < n)
-              for (int64_t j = 0; j < V; ++j) s = _mm512_fmadd_ps(qv[g * V + j], _mm512_loadu_ps(kbuf + i * D + j * 16), s);
-            part[i] = s;
+        for (int64_t i = 0; i < n; ++i) {
+          base[i] = (table[blk] * bs + slot) * KVH * D;
+          if (++slot == bs) slot = 0, ++blk;
+        }
+        // Ask for the next kAhead keys' K/V rows (into L2) at every tile. Without it each tile waits on
+        // DRAM: 11 GB/s measured on a 2-core EPYC with the cache out of L3; with it 22 GB/s (a plain
+        // copy: ~50). Each row is asked for four times: fetching each row once (at the same or twice the
+        // distance, with or without a second prefetch into L1) measured 15-35% slower.
+        for (int64_t t = t0 + 16, b2 = blk, s2 = slot; t < std::min<int64_t>(L, t0 + 16 + kAhead); ++t) {
+          const int64_t row = ((table[b2] * bs + s2) * KVH + kh0) * D;
+          for (int64_t off = 0; off < (kh1 - kh0) * D * static_cast<int64_t>(sizeof(T)); off += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(kc + row) + off, _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(vc + row) + off, _MM_HINT_T1);
           }
-          _mm512_storeu_ps(scores.data() + g * Lp + t0, sum16(part));
+          if (++s2 == bs) s2 = 0, ++b2;
         }
-      }
-      // softmax numerators (unnormalised) per head; padding keys get exactly 0.
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = scores.data() + g * Lp;
-        __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-        for (int64_t t0 = 0; t0 < Lp; t0 += 16) {
-          const __mmask16 k = t0 + 16 <= L ? 0xFFFF : static_cast<__mmask16>((1u << (L - t0)) - 1);
-          mv = _mm512_mask_max_ps(mv, k, mv, _mm512_loadu_ps(sg + t0));
-        }
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t0 = 0; t0 < Lp; t0 += 16) {
-          const __mmask16 k = t0 + 16 <= L ? 0xFFFF : static_cast<__mmask16>((1u << (L - t0)) - 1);
-          const __m512 e = _mm512_maskz_mov_ps(k, exp_le0(_mm512_sub_ps(_mm512_loadu_ps(sg + t0), m)));
-          _mm512_storeu_ps(sg + t0, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        inv[g] = 1.f / _mm512_reduce_add_ps(sum);
-      }
-      // out[g] = sum_t p[g][t] v_t / sum_t p[g][t]; heads in groups of at most 4 (registers).
-      for (int64_t g0 = 0; g0 < G; g0 += 4) {
-        const int64_t gn = std::min<int64_t>(4, G - g0);
-        const float* p = scores.data() + g0 * Lp;
-        float* a = acc.data() + g0 * D;
-        for (int64_t d0 = 0; d0 < D; d0 += 16) {
-          switch (gn) {
-            case 1: pv_slice<T, 1>(p, Lp, L, vrow.data(), d0, a, D); break;
-            case 2: pv_slice<T, 2>(p, Lp, L, vrow.data(), d0, a, D); break;
-            case 3: pv_slice<T, 3>(p, Lp, L, vrow.data(), d0, a, D); break;
-            default: pv_slice<T, 4>(p, Lp, L, vrow.data(), d0, a, D); break;
+        for (int64_t kh = kh0; kh < kh1; ++kh) {
+          for (int64_t i = 0; i < n; ++i) {
+            krow[i] = kc + base[i] + kh * D;
+            vrow[i] = vc + base[i] + kh * D;
+          }
+          // heads in groups of at most kGroup: their accumulators and a V row fill the 32 vector registers
+          for (int64_t g0 = 0; g0 < G; g0 += kGroup) {
+            const int64_t h = kh * G + g0;
+            const __m512* qh = qv.data() + h * V;
+            const T* qr = q + (b * H + h) * D;
+            float *mh = m.data() + h, *lh = l.data() + h, *ah = acc.data() + h * D;
+            switch (std::min<int64_t>(kGroup, G - g0)) {
+              case 1: tile<T, D, 1>(qr, qh, krow, vrow, n, scale, mh, lh, ah); break;
+              case 2: tile<T, D, 2>(qr, qh, krow, vrow, n, scale, mh, lh, ah); break;
+              case 3: tile<T, D, std::min<int>(3, kGroup)>(qr, qh, krow, vrow, n, scale, mh, lh, ah); break;
+              default: tile<T, D, kGroup>(qr, qh, krow, vrow, n, scale, mh, lh, ah); break;
+            }
           }
         }
       }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          out[(b * H + kh * G + g) * D + d] = static_cast<T>(acc[g * D + d] * inv[g]);
+      for (int64_t h = kh0 * G; h < kh1 * G; ++h)
+        for (int64_t i = 0; i < D; ++i)
+          out[(b * H + h) * D + (kPairedPV<T> ? pv_dim(i) : i)] = static_cast<T>(acc[h * D + i] / l[h]);
     }
   });
 }

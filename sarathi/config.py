@@ -216,6 +216,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_vendor() -> str:
+    """This CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...; Linux /proc/cpuinfo; "" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_has_fast_bf16() -> bool:
     """True if the CPU computes bf16 dot products natively (AVX512-BF16 or AMX-BF16). The environment
     variable SARATHI_CPU_BF16=0/1 overrides the detection (e.g. to compare dtypes on one machine)."""

@@ -141,24 +141,29 @@ def test_prefill_kernel_refuses_bad_input(cpu_kernels):
         fn(q.float(), k, k, 1.0)
 
 
-def test_fused_bf16_layer_ops_match_the_torch_ops(cpu_kernels):
-    """Each fused op against the torch ops it replaces in a bf16 layer: the same float32 arithmetic and
-    bf16 roundings, so only the RMS's summation order and SiLU's exp can move a value, by one bf16 step."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_layer_ops_match_the_torch_ops(cpu_kernels, dtype):
+    """Each fused op against the torch ops it replaces in a layer: the same float32 arithmetic and (bf16)
+    roundings, so only the RMS's summation order and SiLU's exp can move a value (by one bf16 step, or a
+    few float32 ulps)."""
     from sarathi.model.llama import add_rms_norm
     from sarathi.model.rope import apply_rope
 
-    ops = kernels.fused_ops(torch.bfloat16)
+    ops = kernels.fused_ops(dtype)
     if ops is None:
         pytest.skip(f"fused ops unavailable: {kernels.build_error() or 'no AVX-512'}")
-    assert kernels.fused_ops(torch.float32) is None  # float32 keeps torch's ops
+    assert kernels.fused_ops(torch.float16) is None  # other dtypes keep torch's ops
     g = torch.Generator().manual_seed(0)
     t, n, inter = 37, 200, 333  # widths that are not multiples of 16: the masked tails
-    x = (3 * torch.randn(t, n, generator=g)).bfloat16()
-    d = torch.randn(t, n, generator=g).bfloat16()
-    w = (1 + torch.randn(n, generator=g) / 4).bfloat16()
+    x = (3 * torch.randn(t, n, generator=g)).to(dtype)
+    d = torch.randn(t, n, generator=g).to(dtype)
+    w = (1 + torch.randn(n, generator=g) / 4).to(dtype)
 
     def close(a: torch.Tensor, b: torch.Tensor) -> None:
-        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            return
         differ = a != b
         assert differ.float().mean() < 0.01, f"{int(differ.sum())} of {a.numel()} differ"
         torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-6)  # one bf16 step at most
@@ -168,15 +173,15 @@ def test_fused_bf16_layer_ops_match_the_torch_ops(cpu_kernels):
     assert torch.equal(s, s_ref)  # the residual add is exact: one rounding either way
     close(h, h_ref)
     close(add_rms_norm(x, None, w, 1e-5, ops)[1], add_rms_norm(x, None, w, 1e-5)[1])
-    gu = (4 * torch.randn(t, 2 * inter, generator=g)).bfloat16()
+    gu = (4 * torch.randn(t, 2 * inter, generator=g)).to(dtype)
     gate, up = gu.chunk(2, dim=-1)
     close(ops.silu_mul(gu), torch.nn.functional.silu(gate) * up)
     heads, rot, hd = 5, 4, 64
-    qkv = torch.randn(t, heads, hd, generator=g).bfloat16()
+    qkv = torch.randn(t, heads, hd, generator=g).to(dtype)
     angles = torch.rand(t, 1, hd // 2, generator=g) * 100
     ref, rest = apply_rope(qkv[:, :rot], angles.cos(), angles.sin()), qkv[:, rot:].clone()
     ops.rope_(qkv, rot, angles.cos(), angles.sin())
     assert torch.equal(qkv[:, :rot], ref)  # same multiplies and adds in float32: bit-identical
     assert torch.equal(qkv[:, rot:], rest)  # heads past ``rot`` (the values) untouched
     with pytest.raises(RuntimeError):
-        ops.silu_mul(gu.float())
+        ops.silu_mul(gu.half())

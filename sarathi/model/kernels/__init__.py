@@ -2,13 +2,13 @@
 
 ``decode_attention()`` returns the compiled paged decode-attention function,
 ``prefill_attention(dtype)`` the prompt-chunk attention for a dtype (AVX-512 CPUs: float32, and bfloat16
-with AVX512-BF16) and ``fused_ops(dtype)`` a bf16 decoder layer's fused elementwise ops (AVX-512), or
-None while they are not available (no compiler, a failed build, a CUDA run, or ``SARATHI_KERNELS=0``);
-callers then use the pure-torch path, which the kernels are parity-tested against. The build (~30-60 s
-on 2 cores) runs in a background thread so engine start never waits for it: steps use the torch path
-until it is ready. The cache key includes the source hash, the torch version and the CPU's flags, because
-the build uses ``-march=native`` (a cache shared by two CPU models must not hand one the other's
-instructions)."""
+with AVX512-BF16) and ``fused_ops(dtype)`` a decoder layer's fused elementwise ops (bf16 and float32,
+AVX-512), or None while they are not available (no compiler, a failed build, a CUDA run, or
+``SARATHI_KERNELS=0``); callers then use the pure-torch path, which the kernels are parity-tested
+against. The build (~30-60 s on 2 cores) runs in a background thread so engine start never waits for it:
+steps use the torch path until it is ready. The cache key includes the source hash, the compiler flags,
+the torch version and the CPU's flags, because the build uses ``-march=native`` (a cache shared by two CPU
+models must not hand one the other's instructions)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ logger = logging.getLogger("sarathi")
 
 _SRC = Path(__file__).with_name("decode_attention.cpp")
 _SOURCES = [_SRC, _SRC.with_name("prefill_attention.cpp"), _SRC.with_name("fused_ops.cpp")]
+# -ffp-contract=off: no fused multiply-adds the source does not ask for, so the fused layer ops round as
+# torch's separate multiplies and adds do.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 _lock = threading.Lock()
 _state: dict[str, Any] = {"fn": None, "prefill": None, "prefill_dtypes": set(), "ops": None, "thread": None,
                           "error": None}
@@ -40,7 +43,7 @@ def _build_dir() -> tuple[str, Path]:
     from sarathi.config import cpu_flags
 
     key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + torch.__version__.encode()
-                         + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+                         + " ".join(_CFLAGS + sorted(cpu_flags())).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SARATHI_CACHE") or Path.home() / ".cache" / "sarathi")
     name = f"sarathi_decode_attention_{key}"
     return name, root / "kernels" / name
@@ -70,7 +73,7 @@ def _build() -> None:
             (path / "lock").unlink(missing_ok=True)
             mod = cpp_extension.load(name, [str(p) for p in _SOURCES], build_directory=str(path),
                                      verbose=False,
-                                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                     extra_cflags=_CFLAGS,
                                      extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, headers, or a broken toolchain: the torch path stays
         _state["error"] = f"{type(e).__name__}: {e}"
@@ -110,9 +113,9 @@ def prefill_attention(dtype: Any) -> Callable[..., Any] | None:
 
 
 def fused_ops(dtype: Any) -> Any | None:
-    """The module with the fused bf16 layer ops (``rms_norm``, ``add_rms_norm``, ``silu_mul``, ``rope_``;
-    sarathi/model/llama.py says where each goes) for ``dtype`` on AVX-512 CPUs, or None: torch ops."""
-    return _state["ops"] if str(dtype).removeprefix("torch.") == "bfloat16" else None
+    """The module with the fused layer ops (``rms_norm``, ``add_rms_norm``, ``silu_mul``, ``rope_``;
+    sarathi/model/llama.py says where each goes) for bf16 or float32 on AVX-512 CPUs, or None: torch ops."""
+    return _state["ops"] if str(dtype).removeprefix("torch.") in ("bfloat16", "float32") else None
 
 
 def build_error() -> str | None:

@@ -25,6 +25,7 @@ logger = logging.getLogger("sarathi")
 
 _SRC = Path(__file__).with_name("decode_attention.cpp")
 _SOURCES = [_SRC, _SRC.with_name("prefill_attention.cpp"), _SRC.with_name("fused_ops.cpp")]
+_HEADERS = [_SRC.with_name("avx512_math.h")]  # included by the sources: part of the cache key
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so the fused layer ops round as
 # torch's separate multiplies and adds do.
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
@@ -42,7 +43,7 @@ def _build_dir() -> tuple[str, Path]:
 
     from sarathi.config import cpu_flags
 
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + torch.__version__.encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS) + torch.__version__.encode()
                          + " ".join(_CFLAGS + sorted(cpu_flags())).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SARATHI_CACHE") or Path.home() / ".cache" / "sarathi")
     name = f"sarathi_decode_attention_{key}"

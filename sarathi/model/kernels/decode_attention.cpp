@@ -18,9 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "avx512_math.h"
 
 namespace {
 
@@ -106,8 +104,7 @@ void decode_kernel(const T* q, const T* kc, const T* vc, const int64_t* tables, 
 // 16 dims of row p as float32.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return sarathi_kernels::bf16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // r[i] = sum of v[i]'s 16 lanes, for i = 0..15.
@@ -123,22 +120,6 @@ inline __m512 sum16(const __m512* v) {
   const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44), _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
   const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44), _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
-}
-
-// e^x for x <= 0 (as in prefill_attention.cpp).
-inline __m512 exp_le0(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 // bf16 caches on CPUs with AVX512-BF16 run P.V on the dot-product unit, two keys per instruction.
@@ -198,7 +179,7 @@ inline void tile(const T* qraw, const __m512* qv, const T* const* krow, const T*
     const float mn = std::max(m[g], _mm512_reduce_max_ps(x));
     alpha[g] = std::exp(m[g] - mn);  // 0 on the first tile (m = -inf)
     m[g] = mn;
-    const __m512 e = _mm512_maskz_mov_ps(live, exp_le0(_mm512_sub_ps(x, _mm512_set1_ps(mn))));
+    const __m512 e = _mm512_maskz_mov_ps(live, sarathi_kernels::exp_le0(_mm512_sub_ps(x, _mm512_set1_ps(mn))));
     l[g] = l[g] * alpha[g] + _mm512_reduce_add_ps(e);
     _mm512_store_ps(p[g], e);
   }

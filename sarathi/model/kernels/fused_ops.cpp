@@ -16,21 +16,18 @@
 #include <tuple>
 #include <vector>
 
+#include "avx512_math.h"
+
 #if defined(__AVX512F__)
-#include <immintrin.h>
 
 namespace {
 
 using bf16 = uint16_t;
 
-inline __m512 load(const bf16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load(const bf16* p, __mmask16 k) {
-  const __m256i h = _mm256_maskz_loadu_epi16(k, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+using sarathi_kernels::bf16_to_f32;
+using sarathi_kernels::exp_le0;
+
+inline __m512 load(const bf16* p, __mmask16 k) { return bf16_to_f32(_mm256_maskz_loadu_epi16(k, p)); }
 
 // float32 -> bf16, round to nearest even (NaN stays NaN), without AVX512-BF16.
 inline __m256i to_bf16(__m512 x) {
@@ -44,26 +41,10 @@ inline __m256i to_bf16(__m512 x) {
 inline void store(bf16* p, __m512 x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(x)); }
 inline void store(bf16* p, __m512 x, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, to_bf16(x)); }
 inline __m512 round_bf16(__m512 x) {  // x rounded to bf16 and back: where torch stores a bf16 tensor
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(x)), 16));
+  return bf16_to_f32(to_bf16(x));
 }
 
 inline __mmask16 tail(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
-
-// e^x for x <= 0 (as in prefill_attention.cpp).
-inline __m512 exp_le0(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // Loads, stores and the rounding torch applies when it stores a tensor, per dtype.
 struct F32 {

@@ -24,30 +24,14 @@
 #include <string>
 #include <vector>
 
+#include "avx512_math.h"
+
 #if defined(__AVX512F__)
-#include <immintrin.h>
 
 namespace {
 
 constexpr int64_t kKeys = 32;  // keys per block: two 16-lane score registers
 constexpr int64_t kRows = 8;   // query rows per tile: each K register loaded serves all of them
-
-// e^x for x <= 0 (scores minus their running maximum): 2^(x log2 e) split into 2^n (scalef) and 2^f,
-// f in [-0.5, 0.5], by its degree-6 Taylor polynomial (relative error ~1e-7, below bf16's rounding).
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // One row's online-softmax step over keys k0..k0+31 given their raw scores s0 (keys 0-15) and s1:
 // the new running maximum m, the factor alpha that rescales what was accumulated before, and the
@@ -66,8 +50,8 @@ inline bool softmax_step(__m512 s0, __m512 s1, int64_t pos, int64_t k0, float sc
   alpha = std::exp(m - mn);  // 0 on the row's first block (m = -inf)
   m = mn;
   const __m512 mv = _mm512_set1_ps(mn);
-  p0 = _mm512_maskz_mov_ps(m0, exp_nonpositive(_mm512_sub_ps(x0, mv)));
-  p1 = _mm512_maskz_mov_ps(m1, exp_nonpositive(_mm512_sub_ps(x1, mv)));
+  p0 = _mm512_maskz_mov_ps(m0, sarathi_kernels::exp_le0(_mm512_sub_ps(x0, mv)));
+  p1 = _mm512_maskz_mov_ps(m1, sarathi_kernels::exp_le0(_mm512_sub_ps(x1, mv)));
   return true;
 }
 

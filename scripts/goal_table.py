@@ -91,7 +91,7 @@ def markdown(data: dict) -> str:
             f"| {f(r.get('vllm_compiled_tok_s'), '.0f')} | **{f(r.get('ratio_vs_compiled'), '.2f')}x** "
             f"| {r['sarathi_roofline_fraction']:.2f} / {f(r.get('vllm_eager_roofline_fraction'), '.2f')} |")
     lim = data["limits"]
-    lines.append("\nLimits measured in the same run: "
+    lines.append("\nLimits (limits.json; GEMM: the faster of torch's matmul and oneDNN's packed linear): "
                  f"GEMM {lim['gemm_gflops']['bfloat16']:.0f} GFLOP/s bf16, "
                  f"{lim['gemm_gflops']['float32']:.0f} fp32; memory {lim['mem_bw_gbs']:.1f} GB/s; "
                  f"{lim['threads']} threads.")

@@ -148,3 +148,32 @@ def test_fast_gguf_header_reader_matches_the_gguf_package(tmp_path):
         cut.write_bytes(f.read(100_000))  # inside the tokenizer arrays
     with pytest.raises(ValueError, match="GGUF"):
         GGUFFile(str(cut))
+
+
+def test_fast_dequantization_is_bit_identical_to_the_gguf_package():
+    """Q4_1 (the default model's layers) and Q8_0 (its embedding) blocks dequantized with torch equal
+    gguf.quants.dequantize bit for bit; other types fall back to gguf's."""
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from sarathi.model.gguf_file import GGUFFile
+    from sarathi.model.loader import default_model_path, dequantize_fast
+
+    seen = set()
+    for t in GGUFFile(default_model_path()).tensors:
+        qtype = Q(t.tensor_type)
+        if qtype in seen:
+            continue
+        seen.add(qtype)
+        ours = dequantize_fast(t.data, qtype)
+        if qtype in (Q.Q4_1, Q.Q8_0):
+            ref = torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, qtype), dtype=np.float32))
+            assert ours is not None and ours.dtype == torch.float32 and torch.equal(ours, ref), t.name
+        else:
+            assert ours is None
+    assert {Q.Q4_1, Q.Q8_0} <= seen
+    q8 = np.zeros((2, 34), dtype=np.uint8)  # a hand-made Q8_0 row pair: scale 0.5, q = -3 and 127
+    q8[:, 0:2] = np.frombuffer(np.float16(0.5).tobytes(), dtype=np.uint8)
+    q8[0, 2:], q8[1, 2:] = np.uint8(253), 127
+    assert torch.equal(dequantize_fast(q8, Q.Q8_0), torch.tensor([[-1.5] * 32, [63.5] * 32]))

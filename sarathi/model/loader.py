@@ -203,6 +203,28 @@ def _hf_tensors(src: ModelSource, want: Callable[[str], bool]) -> Iterator[tuple
             raise ValueError(f"model: cannot read checkpoint file {path}: {e}") from None
 
 
+def dequantize_fast(data: np.ndarray, qtype: Any) -> torch.Tensor | None:
+    """Q4_1 and Q8_0 GGUF blocks to float32 with torch, bit-identical to ``gguf.quants.dequantize`` (same
+    float32 operations) and ~10x faster: gguf's numpy version took 1.3 of the default model's ~4 s start.
+    None for other types (the caller falls back to gguf's)."""
+    from gguf import GGMLQuantizationType as Q
+
+    if qtype not in (Q.Q4_1, Q.Q8_0):
+        return None
+    nbytes = 20 if qtype == Q.Q4_1 else 34  # per block of 32 weights
+    raw = torch.from_numpy(np.array(data, dtype=np.uint8, order="C"))
+    rows, cols = raw.shape[:-1], raw.shape[-1] // nbytes * 32
+    raw = raw.reshape(-1, nbytes)
+    d = raw[:, 0:2].contiguous().view(torch.float16).float()
+    if qtype == Q.Q8_0:  # d, then 32 int8: w = d q
+        w = d * raw[:, 2:].contiguous().view(torch.int8).float()
+    else:  # d, m, then 16 bytes: weights 0-15 in the low nibbles, 16-31 in the high ones: w = d q + m
+        m = raw[:, 2:4].contiguous().view(torch.float16).float()
+        qs = raw[:, 4:]
+        w = d * torch.cat((qs & 0x0F, qs >> 4), dim=1).float() + m
+    return w.reshape(*rows, cols)
+
+
 def _gguf_tensors(src: ModelSource, cfg: ModelConfig,
                   want: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf import GGMLQuantizationType
@@ -222,11 +244,12 @@ def _gguf_tensors(src: ModelSource, cfg: ModelConfig,
         if not want(name):  # another pipeline stage's tensor: do not even dequantize it
             continue
         try:
-            arr = np.array(dequantize(t.data, GGMLQuantizationType(t.tensor_type)), dtype=np.float32,
-                           order="C")
+            w = dequantize_fast(t.data, GGMLQuantizationType(t.tensor_type))
+            if w is None:
+                w = torch.from_numpy(np.array(dequantize(t.data, GGMLQuantizationType(t.tensor_type)),
+                                              dtype=np.float32, order="C"))
         except Exception as e:
             raise ValueError(f"model: cannot dequantize GGUF tensor {t.name}: {e}") from None
-        w = torch.from_numpy(arr)
         if permute and name.endswith(("q_proj.weight", "k_proj.weight")):
             # llama.cpp reorders q/k rows for interleaved RoPE; undo it to get HF's rotate-half layout.
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads

@@ -159,14 +159,23 @@ inline void tile(const T* qraw, const __m512* qv, const T* const* krow, const T*
   } else
 #endif
   {
-    alignas(64) float kbuf[16 * D];  // the tile's keys as float32, converted once for all GN heads
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < V; ++j) _mm512_store_ps(kbuf + i * D + j * 16, load16(krow[i] + j * 16));
+    // The tile's keys as float32 rows: float32 caches are read in place, bf16 ones converted once here
+    // for all GN heads.
+    alignas(64) float kbuf[std::is_same_v<T, float> ? 1 : 16 * D];
+    const float* kr[16];
+    for (int64_t i = 0; i < n; ++i) {
+      if constexpr (std::is_same_v<T, float>) {
+        kr[i] = krow[i];
+      } else {
+        for (int64_t j = 0; j < V; ++j) _mm512_store_ps(kbuf + i * D + j * 16, load16(krow[i] + j * 16));
+        kr[i] = kbuf + i * D;
+      }
+    }
     for (int g = 0; g < GN; ++g) {
       for (int64_t i = 0; i < 16; ++i) {
         __m512 s = _mm512_setzero_ps();
         if (i < n)
-          for (int64_t j = 0; j < V; ++j) s = _mm512_fmadd_ps(qv[g * V + j], _mm512_load_ps(kbuf + i * D + j * 16), s);
+          for (int64_t j = 0; j < V; ++j) s = _mm512_fmadd_ps(qv[g * V + j], _mm512_loadu_ps(kr[i] + j * 16), s);
         part[i] = s;
       }
       sc[g] = sum16(part);

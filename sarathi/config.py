@@ -204,28 +204,26 @@ class EngineArgs:
             torch.set_num_threads(self.threads)
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+def _cpuinfo(field: str) -> str:
+    """The first value of ``field`` in /proc/cpuinfo (Linux; "" elsewhere or when absent)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_vendor() -> str:
-    """This CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...; Linux /proc/cpuinfo; "" elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_vendor() -> str:
+    """This CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...; "" where unknown)."""
+    return _cpuinfo("vendor_id")
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -205,7 +205,7 @@ def _hf_tensors(src: ModelSource, want: Callable[[str], bool]) -> Iterator[tuple
 
 def dequantize_fast(data: np.ndarray, qtype: Any) -> torch.Tensor | None:
     """Q4_1 and Q8_0 GGUF blocks to float32 with torch, bit-identical to ``gguf.quants.dequantize`` (same
-    float32 operations) and ~10x faster: gguf's numpy version took 1.3 of the default model's ~4 s start.
+    float32 operations) and ~10x faster: gguf's numpy version took 1.3 s of the default model's ~5 s start.
     None for other types (the caller falls back to gguf's)."""
     from gguf import GGMLQuantizationType as Q
 

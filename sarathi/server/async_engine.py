@@ -101,7 +101,10 @@ class RequestStream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """Called from the engine thread."""
-        deliver_all(self._loop, [(self, item)])
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
 
     def _deliver(self, item: RequestOutput | BaseException) -> None:
         """On the event loop."""
@@ -160,20 +163,6 @@ class RequestStream:
 
     def __del__(self) -> None:  # safety net for a stream that was never iterated
         self.close()
-
-
-def deliver_all(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestStream, Any]]) -> None:
-    """Hand a step's outputs to their streams with ONE wake-up of the event loop (from the engine thread):
-    a wake-up per output was a socket write and a loop iteration per token of every running request."""
-    try:
-        loop.call_soon_threadsafe(_deliver_each, items)
-    except RuntimeError:  # the event loop is closed: nobody is listening any more
-        pass
-
-
-def _deliver_each(items: list[tuple[RequestStream, Any]]) -> None:
-    for stream, item in items:
-        stream._deliver(item)
 
 
 class AsyncLLMEngine:
@@ -339,7 +328,6 @@ class AsyncLLMEngine:
             self.metrics.record_step(rec.num_prompt_tokens, rec.num_decode_tokens, rec.num_preempted,
                                      rec.duration, rec.num_recomputed_tokens)
         now = time.time()
-        batch: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
         for out in outputs:
             t = self._live.get(out.request_id)
             if t is None:
@@ -351,13 +339,11 @@ class AsyncLLMEngine:
                 self.metrics.record_finished(["error"] * len(out.outputs), out.metrics, now)
                 continue
             self._account(t, out, now)
-            batch.setdefault(t.stream._loop, []).append((t.stream, out))
+            t.stream.put(out)
             if out.finished:
                 self._forget(out.request_id)
                 reasons = [c.finish_reason or "abort" for c in out.outputs]
                 self.metrics.record_finished(reasons, out.metrics, now)
-        for loop, items in batch.items():
-            deliver_all(loop, items)
         self._record_state()
 
     def _account(self, t: _Tracked, out: RequestOutput, now: float) -> None:
